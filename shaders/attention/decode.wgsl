@@ -1,0 +1,307 @@
+// Attention computed on the compressed cache (no dequantized copy): split-K decode for one or
+// more query positions, GQA, causal, optional per-key bias (Attention Matching's β).
+// TurboQuant (arXiv 2504.19874): score_t = s_t·⟨H·D·q, c[idx_t]⟩/√d (+ QJL term) (+ β_t); online
+// softmax over t; values accumulated in their rotated domain; the combine kernel applies one
+// inverse rotation per output.
+//
+// One workgroup per (query position, query head, split). Tiles of WG tokens: one invocation
+// scores one token; then invocation (r, j) accumulates value dimension j over tokens r, r+R, …
+
+#include "common/format.wgsl"
+
+override K_KIND: u32 = 0u;
+override K_BITS_A: u32 = 0u;
+override K_BITS_B: u32 = 0u;
+override HAS_BIAS: bool = false;
+// Tile size and workgroup size: a power of two, a multiple of D.
+override WG: u32 = 128u;
+
+struct Params {
+    n_q: u32,          // query positions in this call (the last n_q tokens of each head)
+    n_heads: u32,      // query heads
+    group: u32,        // query heads per KV head
+    n_splits: u32,
+    split_len: u32,    // tokens per split
+    k_scale_base: u32, // word offset of the K page's scales region
+    v_scale_base: u32,
+    scale: f32,        // softmax scale, 1/√d
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> k_page: array<u32>;
+@group(0) @binding(3) var<storage, read> k_aux: array<u32>;
+@group(0) @binding(4) var<storage, read> fmt_page: array<u32>;
+@group(0) @binding(5) var<storage, read> fmt_aux: array<u32>;
+// (first page index, length) per KV head: heads are ragged, nothing is padded.
+@group(0) @binding(6) var<storage, read> heads: array<u32>;
+@group(0) @binding(7) var<storage, read> bias: array<f32>;
+// Per (position, head, split): m, l, acc[D], acc_qjl[D].
+@group(0) @binding(8) var<storage, read_write> partials: array<f32>;
+
+var<workgroup> qk: array<f32, 256>;
+var<workgroup> qs: array<f32, 256>;
+var<workgroup> kcb: array<f32, 32>;
+var<workgroup> probs: array<f32, 256>;
+
+const NEG_BIG: f32 = -3.0e38;
+
+fn k_aux_f32(k: u32) -> f32 {
+    return bitcast<f32>(k_aux[k]);
+}
+
+fn k_code_words() -> u32 {
+    switch K_KIND {
+        case 0u: { return D; }
+        case 1u: { return D / 2u; }
+        case 2u: { return D / 4u; }
+        case 3u: { return D / 8u; }
+        case 4u: { return K_BITS_A * D / 32u; }
+        case 5u: { return K_BITS_A * D / 32u + D / 32u; }
+        case 6u: { return (K_BITS_A + K_BITS_B) * D / 64u; }
+        default: { return D; }
+    }
+}
+
+fn k_scale_halves() -> u32 {
+    switch K_KIND {
+        case 2u, 3u: { return D / 32u; }
+        case 4u: { return 1u; }
+        case 5u, 6u: { return 2u; }
+        default: { return 0u; }
+    }
+}
+
+fn k_scale(i: u32, h: u32) -> f32 {
+    let k = i * k_scale_halves() + h;
+    return half_from_word(k_page[params.k_scale_base + k / 2u], k);
+}
+
+// Σ_j qk[qoff + j]·kcb[cboff + code_j] over `count` b-bit codes starting at word `wbase`
+// (count a multiple of 32: each group of 32 codes fills exactly b words).
+fn turbo_dot(wbase: u32, count: u32, b: u32, qoff: u32, cboff: u32) -> f32 {
+    var acc = 0.0;
+    let mask = (1u << b) - 1u;
+    for (var g = 0u; g < count / 32u; g++) {
+        let wb = wbase + g * b;
+        var w = vec4<u32>(k_page[wb], 0u, 0u, 0u);
+        if (b > 1u) { w.y = k_page[wb + 1u]; }
+        if (b > 2u) { w.z = k_page[wb + 2u]; }
+        if (b > 3u) { w.w = k_page[wb + 3u]; }
+        for (var t = 0u; t < 32u; t++) {
+            let bit = t * b;
+            let wi = bit / 32u;
+            let sh = bit % 32u;
+            var v = w[wi] >> sh;
+            if (sh + b > 32u) {
+                v = v | (w[wi + 1u] << (32u - sh));
+            }
+            acc += qk[qoff + g * 32u + t] * kcb[cboff + (v & mask)];
+        }
+    }
+    return acc;
+}
+
+// ⟨prepared query, key i⟩ read straight from the compressed page.
+fn key_dot(i: u32) -> f32 {
+    let base = i * k_code_words();
+    var acc = 0.0;
+    switch K_KIND {
+        case 0u: {
+            for (var j = 0u; j < D; j++) {
+                acc += qk[j] * bitcast<f32>(k_page[base + j]);
+            }
+        }
+        case 1u: {
+            for (var w = 0u; w < D / 2u; w++) {
+                let h = unpack2x16float(k_page[base + w]);
+                acc += qk[2u * w] * h.x + qk[2u * w + 1u] * h.y;
+            }
+        }
+        case 2u: {
+            for (var k = 0u; k < D / 32u; k++) {
+                var inner = 0.0;
+                for (var w = 0u; w < 8u; w++) {
+                    let word = k_page[base + k * 8u + w];
+                    for (var t = 0u; t < 4u; t++) {
+                        inner += qk[k * 32u + w * 4u + t] * i8_from_word(word, t);
+                    }
+                }
+                acc += k_scale(i, k) * inner;
+            }
+        }
+        case 3u: {
+            for (var k = 0u; k < D / 32u; k++) {
+                var inner = 0.0;
+                for (var w = 0u; w < 4u; w++) {
+                    let word = k_page[base + k * 4u + w];
+                    for (var t = 0u; t < 8u; t++) {
+                        inner += qk[k * 32u + w * 8u + t] * (f32(u4_from_word(word, t)) - 8.0);
+                    }
+                }
+                acc += k_scale(i, k) * inner;
+            }
+        }
+        case 4u: {
+            acc = k_scale(i, 0u) * turbo_dot(base, D, K_BITS_A, 0u, 0u);
+        }
+        case 5u: {
+            var mse = 0.0;
+            if (K_BITS_A > 0u) {
+                mse = turbo_dot(base, D, K_BITS_A, 0u, 0u);
+            }
+            var qjl = 0.0;
+            let sbase = base + K_BITS_A * D / 32u;
+            for (var w = 0u; w < D / 32u; w++) {
+                let word = k_page[sbase + w];
+                for (var t = 0u; t < 32u; t++) {
+                    let v = qs[w * 32u + t];
+                    qjl += select(-v, v, ((word >> t) & 1u) == 1u);
+                }
+            }
+            let k = sqrt(3.14159265358979 / 2.0) / f32(D);
+            acc = k_scale(i, 0u) * (mse + k_scale(i, 1u) * k * qjl);
+        }
+        case 6u: {
+            let n = D / 2u;
+            let a = turbo_dot(base, n, K_BITS_A, 0u, 0u);
+            let b = turbo_dot(base + n * K_BITS_A / 32u, n, K_BITS_B, n, 16u);
+            acc = k_scale(i, 0u) * a + k_scale(i, 1u) * b;
+        }
+        default: {}
+    }
+    return acc;
+}
+
+// qk = the query in K's domain (·scale); for prod also qs = S·qk. Uniform control flow.
+fn prepare_query(qbase: u32, lid: u32) {
+    for (var j = lid; j < D; j += WG) {
+        var ch = j;
+        if (K_KIND == 6u) {
+            ch = k_aux[k_aux[AUX_PERM] + j];
+        }
+        tw[j] = q[qbase + ch] * params.scale;
+    }
+    if (K_KIND >= 4u) {
+        var n = D;
+        if (K_KIND == 6u) {
+            n = D / 2u;
+        }
+        let off_sa = k_aux[AUX_SIGNS_A];
+        let off_sb = k_aux[AUX_SIGNS_B];
+        for (var j = lid; j < D; j += WG) {
+            if (j < n) {
+                tw[j] = tw[j] * k_aux_f32(off_sa + j);
+            } else {
+                tw[j] = tw[j] * k_aux_f32(off_sb + j - n);
+            }
+        }
+        wht_blocks(lid, WG, n, D);
+        for (var c = lid; c < 16u; c += WG) {
+            let bits_a = K_BITS_A;
+            if (bits_a > 0u && c < (1u << bits_a)) {
+                kcb[c] = k_aux_f32(k_aux[AUX_CB_A] + c);
+            }
+            if (K_KIND == 6u && c < (1u << K_BITS_B)) {
+                kcb[16u + c] = k_aux_f32(k_aux[AUX_CB_B] + c);
+            }
+        }
+    }
+    workgroupBarrier();
+    for (var j = lid; j < D; j += WG) {
+        qk[j] = tw[j];
+    }
+    workgroupBarrier();
+    if (K_KIND == 5u) {
+        let off_s = k_aux[AUX_S];
+        for (var r = lid; r < D; r += WG) {
+            var acc = 0.0;
+            for (var j = 0u; j < D; j++) {
+                acc += k_aux_f32(off_s + r * D + j) * qk[j];
+            }
+            qs[r] = acc;
+        }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(local_invocation_index) lid: u32,
+        @builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>) {
+    let flat = wid.x + wid.y * nwg.x;
+    let split = flat % params.n_splits;
+    let hq = (flat / params.n_splits) % params.n_heads;
+    let qi = flat / (params.n_splits * params.n_heads);
+    if (qi >= params.n_q) {
+        return;
+    }
+    fmt_scale_base = params.v_scale_base;
+    let h = hq / params.group;
+    let first = heads[2u * h];
+    let len = heads[2u * h + 1u];
+    // Query qi is the token at index len − n_q + qi of its head and sees everything up to it.
+    let visible = select(0u, len + qi + 1u - params.n_q, len + qi + 1u >= params.n_q);
+    let start = split * params.split_len;
+    let end = min(visible, start + params.split_len);
+
+    prepare_query((qi * params.n_heads + hq) * D, lid);
+
+    let groups = WG / D;
+    let r = lid / D;
+    let j = lid % D;
+    var m = NEG_BIG;
+    var l = 0.0;
+    var acc = 0.0;
+    var acc_qjl = 0.0;
+    for (var base = start; base < end; base += WG) {
+        let t = base + lid;
+        var s = NEG_BIG;
+        if (t < end) {
+            s = key_dot(first + t);
+            if (HAS_BIAS) {
+                s += bias[first + t];
+            }
+        }
+        let m_new = max(m, wg_max(s, lid, WG));
+        var p = 0.0;
+        if (t < end) {
+            p = exp(s - m_new);
+        }
+        probs[lid] = p;
+        let alpha = exp(m - m_new);
+        l = l * alpha + wg_sum(p, lid, WG);
+        m = m_new;
+        acc *= alpha;
+        acc_qjl *= alpha;
+        for (var tt = r; tt < WG; tt += groups) {
+            if (base + tt < end) {
+                let pt = probs[tt];
+                acc += pt * fmt_value(first + base + tt, j);
+                if (FMT_KIND == 5u) {
+                    acc_qjl += pt * fmt_qjl(first + base + tt, j);
+                }
+            }
+        }
+    }
+    // Reduce the R partial accumulators of each dimension.
+    let out = ((qi * params.n_heads + hq) * params.n_splits + split) * (2u + 2u * D);
+    workgroupBarrier();
+    tr[lid] = acc;
+    probs[lid] = acc_qjl;
+    workgroupBarrier();
+    if (lid < D) {
+        var a = 0.0;
+        var b = 0.0;
+        for (var g = 0u; g < groups; g++) {
+            a += tr[g * D + lid];
+            b += probs[g * D + lid];
+        }
+        partials[out + 2u + lid] = a;
+        partials[out + 2u + D + lid] = b;
+    }
+    if (lid == 0u) {
+        partials[out] = m;
+        partials[out + 1u] = l;
+    }
+}

@@ -1,0 +1,236 @@
+//! Attention computed directly on compressed KV pages (`shaders/attention/decode.wgsl` and
+//! `combine.wgsl`): no dequantized copy of the cache is ever made. Keys are scored against the
+//! query rotated once into the key format's domain; values are accumulated in their own domain and
+//! rotated back once per output. GQA, causal positions for prompt chunks, split-K over long
+//! contexts, ragged heads and an optional per-key bias (Attention Matching's β).
+
+use crate::codec::gpu::{format_constants, scale_base, GpuCodec};
+use crate::gpu::{grid, Batch, Binding, Gpu, GpuError, GpuVec};
+
+/// Head layout of one attention layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub n_heads: usize,
+    /// KV heads (`n_heads` a multiple of it).
+    pub n_kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+/// The compressed K and V of one layer: one page each, vectors addressed by page index; head `h`'s
+/// tokens are `heads[2h] .. heads[2h] + heads[2h + 1]`.
+pub struct KvPages<'a> {
+    /// Key codec (format, rotation, codebook).
+    pub k_codec: &'a GpuCodec,
+    /// Value codec.
+    pub v_codec: &'a GpuCodec,
+    /// Key page.
+    pub k_page: &'a GpuVec<u32>,
+    /// Value page.
+    pub v_page: &'a GpuVec<u32>,
+    /// Capacity of both pages in vectors.
+    pub capacity: usize,
+    /// `(first page index, length)` per KV head.
+    pub heads: &'a GpuVec<u32>,
+    /// Largest head length (sizes the split-K grid).
+    pub max_len: usize,
+    /// Optional additive bias per page index (compaction's β).
+    pub bias: Option<&'a GpuVec<f32>>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct DecodeParams {
+    n_q: u32,
+    n_heads: u32,
+    group: u32,
+    n_splits: u32,
+    split_len: u32,
+    k_scale_base: u32,
+    v_scale_base: u32,
+    scale: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct CombineParams {
+    n_q: u32,
+    n_heads: u32,
+    n_splits: u32,
+    _pad: u32,
+}
+
+/// Tokens per split-K workgroup: long contexts spread over many workgroups, short ones use one.
+pub const SPLIT_TOKENS: usize = 512;
+
+/// Scratch for split-K partials; reuse it across calls of the same or smaller size.
+pub struct AttentionScratch {
+    partials: GpuVec<f32>,
+}
+
+impl AttentionScratch {
+    /// Scratch for `n_q` positions over contexts up to `max_len` tokens.
+    pub fn new(gpu: &Gpu, shape: AttentionShape, n_q: usize, max_len: usize) -> Self {
+        let n_splits = max_len.div_ceil(SPLIT_TOKENS).max(1);
+        let floats = n_q * shape.n_heads * n_splits * (2 + 2 * shape.head_dim);
+        AttentionScratch {
+            partials: gpu.zeros("attention partials", floats),
+        }
+    }
+}
+
+/// Record attention of `n_q` query positions (`q`: n_q × n_heads × head_dim, the last `n_q` tokens
+/// of every head, causal) over the compressed pages, writing `out` (same shape as `q`).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_into(
+    gpu: &Gpu,
+    batch: &mut Batch<'_>,
+    shape: AttentionShape,
+    kv: &KvPages<'_>,
+    q: &GpuVec<f32>,
+    n_q: usize,
+    scratch: &AttentionScratch,
+    out: &GpuVec<f32>,
+) -> Result<(), GpuError> {
+    let d = shape.head_dim;
+    let n_splits = kv.max_len.div_ceil(SPLIT_TOKENS).max(1);
+    let need = n_q * shape.n_heads * n_splits * (2 + 2 * d);
+    if scratch.partials.len() < need {
+        return Err(GpuError::Invalid(format!(
+            "attention scratch holds {} floats, {need} needed: make it for max_len {}",
+            scratch.partials.len(),
+            kv.max_len
+        )));
+    }
+    let wg = d.max(128);
+    let mut constants = vec![
+        ("D", d as f64),
+        ("WG", wg as f64),
+        ("HAS_BIAS", if kv.bias.is_some() { 1.0 } else { 0.0 }),
+    ];
+    let k_format = kv.k_codec.codec().format();
+    let v_format = kv.v_codec.codec().format();
+    constants.extend(format_constants("K_", &k_format));
+    constants.extend(format_constants("", &v_format));
+    let kernel = gpu.pipeline(
+        "attention/decode",
+        "main",
+        &constants,
+        &[
+            Binding::Uniform,
+            Binding::READ,
+            Binding::READ,
+            Binding::READ,
+            Binding::READ,
+            Binding::READ,
+            Binding::READ,
+            Binding::READ,
+            Binding::RW,
+        ],
+    )?;
+    let params = DecodeParams {
+        n_q: n_q as u32,
+        n_heads: shape.n_heads as u32,
+        group: (shape.n_heads / shape.n_kv_heads) as u32,
+        n_splits: n_splits as u32,
+        split_len: SPLIT_TOKENS as u32,
+        k_scale_base: scale_base(&k_format, d, kv.capacity) as u32,
+        v_scale_base: scale_base(&v_format, d, kv.capacity) as u32,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    let ub = gpu.uniform("attention params", &params);
+    // The bias binding must be bound even when unused; the page is a harmless stand-in.
+    let bias = kv.bias.map(|b| b.buffer()).unwrap_or(kv.k_page.buffer());
+    batch.dispatch(
+        &kernel,
+        &[
+            &ub,
+            q.buffer(),
+            kv.k_page.buffer(),
+            kv.k_codec.aux().buffer(),
+            kv.v_page.buffer(),
+            kv.v_codec.aux().buffer(),
+            kv.heads.buffer(),
+            bias,
+            scratch.partials.buffer(),
+        ],
+        grid((n_q * shape.n_heads * n_splits) as u32),
+    );
+    let mut cconst = vec![("D", d as f64), ("WG", d.clamp(32, 256) as f64)];
+    cconst.extend(format_constants("", &v_format));
+    let combine = gpu.pipeline(
+        "attention/combine",
+        "main",
+        &cconst,
+        &[
+            Binding::Uniform,
+            Binding::READ,
+            Binding::READ,
+            Binding::READ,
+            Binding::RW,
+        ],
+    )?;
+    let cp = CombineParams {
+        n_q: n_q as u32,
+        n_heads: shape.n_heads as u32,
+        n_splits: n_splits as u32,
+        _pad: 0,
+    };
+    let cub = gpu.uniform("combine params", &cp);
+    batch.dispatch(
+        &combine,
+        &[
+            &cub,
+            scratch.partials.buffer(),
+            kv.v_page.buffer(),
+            kv.v_codec.aux().buffer(),
+            out.buffer(),
+        ],
+        grid((n_q * shape.n_heads) as u32),
+    );
+    Ok(())
+}
+
+/// CPU reference: causal GQA attention in f64 over plain keys and values.
+/// `keys[h]` / `values[h]` hold head h's tokens (len × d); `q` is n_q × n_heads × d and its
+/// positions are the last n_q tokens of every head; `bias[h]` optionally adds β per token.
+pub fn reference_attention(
+    shape: AttentionShape,
+    q: &[f32],
+    n_q: usize,
+    keys: &[Vec<f32>],
+    values: &[Vec<f32>],
+    bias: Option<&[Vec<f32>]>,
+) -> Vec<f32> {
+    let d = shape.head_dim;
+    let group = shape.n_heads / shape.n_kv_heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0f32; n_q * shape.n_heads * d];
+    for qi in 0..n_q {
+        for hq in 0..shape.n_heads {
+            let h = hq / group;
+            let len = keys[h].len() / d;
+            let visible = (len + qi + 1).saturating_sub(n_q);
+            let qv = &q[(qi * shape.n_heads + hq) * d..][..d];
+            let scores: Vec<f64> = (0..visible)
+                .map(|t| {
+                    let k = &keys[h][t * d..][..d];
+                    let dot: f64 = qv.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    dot * scale + bias.map_or(0.0, |b| b[h][t] as f64)
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let l: f64 = w.iter().sum();
+            let o = &mut out[(qi * shape.n_heads + hq) * d..][..d];
+            if l > 0.0 {
+                for (j, oj) in o.iter_mut().enumerate() {
+                    let acc: f64 = (0..visible).map(|t| w[t] * values[h][t * d + j] as f64).sum();
+                    *oj = (acc / l) as f32;
+                }
+            }
+        }
+    }
+    out
+}

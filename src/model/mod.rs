@@ -1,0 +1,12 @@
+//! Model files: the GGUF container, Llama hyperparameters and the byte-level BPE tokenizer.
+//!
+//! Everything here runs on the CPU and knows nothing of GPUs or of a particular KV-cache codec.
+
+pub mod config;
+pub mod gguf;
+pub mod tokenizer;
+mod unicode;
+
+pub use config::LlamaConfig;
+pub use gguf::{GgmlType, GgufError, GgufFile, GgufValue, TensorInfo};
+pub use tokenizer::{EncodeOptions, StreamDecoder, TokenType, Tokenizer, TokenizerError};
