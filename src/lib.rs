@@ -7,3 +7,4 @@
 pub mod attention;
 pub mod codec;
 pub mod gpu;
+pub mod model;

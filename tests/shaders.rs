@@ -105,7 +105,8 @@ fn every_kernel_translates_to_all_backends() {
             let ctx = format!("{name} {consts:?}");
             spv::write_vec(&m, &i, &spv::Options::default(), None)
                 .unwrap_or_else(|e| panic!("{ctx}: SPIR-V: {e:?}"));
-            msl::write_string(&m, &i, &msl::Options::default(), &msl::PipelineOptions::default())
+            let msl_opts = msl::Options { lang_version: (2, 4), ..Default::default() };
+            msl::write_string(&m, &i, &msl_opts, &msl::PipelineOptions::default())
                 .unwrap_or_else(|e| panic!("{ctx}: MSL: {e:?}"));
             let mut hlsl_out = String::new();
             let hlsl_opts = hlsl::Options::default();

@@ -85,7 +85,10 @@ fn matches_reference_token_ids() {
                 v.name, v.text, v.ids, ids
             ));
         }
-        assert_eq!(t.decode(&v.ids), v.text, "{}", v.name);
+        // `dropped_*` texts hold bytes the vocabulary lacks (see `round_trips_arbitrary_utf8`).
+        if !v.name.starts_with("dropped_") {
+            assert_eq!(t.decode(&v.ids), v.text, "{}", v.name);
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -106,6 +109,16 @@ fn specials_and_metadata() {
     assert_eq!(t.encode("12345"), [33, 34, 35, 36, 37]);
 }
 
+/// SmolLM2's vocabulary has no token for the bytes 04 06 13 14 16 1d (rare control characters),
+/// f1 and f2 (lead bytes of planes 4 to 11, unassigned), so characters using them are dropped by
+/// the encoder, as in Hugging Face `tokenizers` and llama.cpp; random text avoids them.
+fn encodable(c: char) -> bool {
+    !matches!(
+        c,
+        '\u{4}' | '\u{6}' | '\u{13}' | '\u{14}' | '\u{16}' | '\u{1d}'
+    ) && !('\u{40000}'..='\u{BFFFF}').contains(&c)
+}
+
 fn random_text(rng: &mut impl Rng) -> String {
     let len = rng.random_range(0..80);
     (0..len)
@@ -117,7 +130,7 @@ fn random_text(rng: &mut impl Rng) -> String {
                 4 => rng.random_range(0x800..0x10000),
                 _ => rng.random_range(0x10000..0x110000),
             };
-            if let Some(c) = char::from_u32(cp) {
+            if let Some(c) = char::from_u32(cp).filter(|&c| encodable(c)) {
                 break c;
             }
         })
@@ -149,18 +162,47 @@ fn round_trips_arbitrary_utf8() {
 fn encodes_5000_words_quickly() {
     let t = &model().tokenizer;
     let words = [
-        "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Grand", "Jury", "said",
-        "Friday", "investigation", "of", "Atlanta's", "recent", "primary", "election", "produced",
-        "1962", "no", "evidence", "that", "any", "irregularities", "took", "place.",
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "Grand",
+        "Jury",
+        "said",
+        "Friday",
+        "investigation",
+        "of",
+        "Atlanta's",
+        "recent",
+        "primary",
+        "election",
+        "produced",
+        "1962",
+        "no",
+        "evidence",
+        "that",
+        "any",
+        "irregularities",
+        "took",
+        "place.",
     ];
-    let text: Vec<&str> = (0..5000).map(|i| words[(i * 7 + i / 3) % words.len()]).collect();
+    let text: Vec<&str> = (0..5000)
+        .map(|i| words[(i * 7 + i / 3) % words.len()])
+        .collect();
     let text = text.join(" ");
     let start = std::time::Instant::now();
     let ids = t.encode(&text);
     let elapsed = start.elapsed();
     assert_eq!(t.decode(&ids), text);
     assert!(ids.len() > 5000);
-    assert!(elapsed.as_secs_f64() < 2.0, "encoding 5000 words took {elapsed:?}");
+    assert!(
+        elapsed.as_secs_f64() < 2.0,
+        "encoding 5000 words took {elapsed:?}"
+    );
 }
 
 #[test]
@@ -169,7 +211,14 @@ fn reads_config_and_tensors() {
     assert_eq!(f.version(), 3);
     let c = LlamaConfig::from_gguf(f).unwrap();
     assert_eq!(
-        (c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff),
+        (
+            c.n_layer,
+            c.n_embd,
+            c.n_head,
+            c.n_head_kv,
+            c.head_dim,
+            c.n_ff
+        ),
         (30, 576, 9, 3, 64, 1536)
     );
     assert_eq!((c.rms_eps, c.rope_base), (1e-5, 100000.0));
@@ -179,7 +228,10 @@ fn reads_config_and_tensors() {
     assert_eq!(f.tensors().len(), 272);
     for info in f.tensors() {
         assert!(
-            matches!(info.ggml_type, GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::F32),
+            matches!(
+                info.ggml_type,
+                GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::F32
+            ),
             "{}: {}",
             info.name,
             info.ggml_type
@@ -189,7 +241,10 @@ fn reads_config_and_tensors() {
     let embd = f.tensor_info("token_embd.weight").unwrap();
     assert_eq!(embd.dims, [576, 49152]);
     let norm = f.tensor_info("output_norm.weight").unwrap();
-    assert_eq!((norm.dims.as_slice(), norm.ggml_type), (&[576][..], GgmlType::F32));
+    assert_eq!(
+        (norm.dims.as_slice(), norm.ggml_type),
+        (&[576][..], GgmlType::F32)
+    );
     let bytes = f.read_tensor_bytes("output_norm.weight").unwrap();
     let weights: Vec<f32> = bytes
         .chunks_exact(4)
@@ -198,5 +253,8 @@ fn reads_config_and_tensors() {
     assert_eq!(weights.len(), 576);
     assert!(weights.iter().all(|w| w.is_finite()) && weights.iter().any(|&w| w != 0.0));
     let last = &f.tensors()[f.tensors().len() - 1];
-    assert_eq!(f.read_tensor_bytes(&last.name).unwrap().len() as u64, last.n_bytes());
+    assert_eq!(
+        f.read_tensor_bytes(&last.name).unwrap().len() as u64,
+        last.n_bytes()
+    );
 }

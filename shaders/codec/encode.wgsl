@@ -231,7 +231,7 @@ fn encode_one(v: u32, i: u32, slot: u32, lid: u32) -> bool {
                     atomicOr(&pk[FMT_BITS_A * D / 32u + r / 32u], 1u << (r % 32u));
                 }
             }
-            s_b = sqrt(wg_sum(rr, lid, WG));
+            s_b = select(0.0, sqrt(wg_sum(rr, lid, WG)), ok);
         }
         if (s_a > F16_MAX || s_b > F16_MAX) {
             bad = true;

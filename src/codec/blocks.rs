@@ -153,7 +153,10 @@ mod tests {
         let mut scales = vec![f16::ZERO; 1];
         assert!(encode_q4_0(&x, &mut codes, &mut scales));
         assert_eq!(scales[0].to_f32(), 1.0);
-        assert_eq!(codes[0] & 0xFFFFF, (15 << 4) | (9 << 8) | (8 << 12) | (10 << 16));
+        assert_eq!(
+            codes[0] & 0xFFFFF,
+            (15 << 4) | (9 << 8) | (8 << 12) | (10 << 16)
+        );
         let mut out = vec![0.0f32; 32];
         decode_q4_0(&codes, &scales, &mut out);
         assert_eq!(&out[..5], &[-8.0, 7.0, 1.0, 0.0, 2.0]);

@@ -10,7 +10,10 @@
 /// When `x.len()` is not a power of two (callers validate dimensions first).
 pub fn fwht_normalized(x: &mut [f32]) {
     let d = x.len();
-    assert!(d.is_power_of_two(), "fwht_normalized: length {d} is not a power of two");
+    assert!(
+        d.is_power_of_two(),
+        "fwht_normalized: length {d} is not a power of two"
+    );
     let mut h = 1;
     while h < d {
         for block in x.chunks_exact_mut(2 * h) {
@@ -34,7 +37,13 @@ pub fn fwht_normalized(x: &mut [f32]) {
 /// # Panics
 /// When `signs.len() != x.len()` or the length is not a power of two.
 pub fn rotate(signs: &[f32], x: &[f32]) -> Vec<f32> {
-    assert_eq!(signs.len(), x.len(), "rotate: {} signs for {} values", signs.len(), x.len());
+    assert_eq!(
+        signs.len(),
+        x.len(),
+        "rotate: {} signs for {} values",
+        signs.len(),
+        x.len()
+    );
     let mut y: Vec<f32> = x.iter().zip(signs).map(|(&v, &s)| v * s).collect();
     fwht_normalized(&mut y);
     y
@@ -45,7 +54,13 @@ pub fn rotate(signs: &[f32], x: &[f32]) -> Vec<f32> {
 /// # Panics
 /// When `signs.len() != y.len()` or the length is not a power of two.
 pub fn unrotate(signs: &[f32], y: &[f32]) -> Vec<f32> {
-    assert_eq!(signs.len(), y.len(), "unrotate: {} signs for {} values", signs.len(), y.len());
+    assert_eq!(
+        signs.len(),
+        y.len(),
+        "unrotate: {} signs for {} values",
+        signs.len(),
+        y.len()
+    );
     let mut x = y.to_vec();
     fwht_normalized(&mut x);
     for (v, &s) in x.iter_mut().zip(signs) {
@@ -73,12 +88,19 @@ mod tests {
             for (i, &yi) in y.iter().enumerate() {
                 let want: f64 = (0..d)
                     .map(|j| {
-                        let sign = if (i & j).count_ones() % 2 == 0 { 1.0 } else { -1.0 };
+                        let sign = if (i & j).count_ones() % 2 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        };
                         sign * x[j] as f64
                     })
                     .sum::<f64>()
                     / (d as f64).sqrt();
-                assert!((yi as f64 - want).abs() < 1e-5, "d={d} i={i}: {yi} vs {want}");
+                assert!(
+                    (yi as f64 - want).abs() < 1e-5,
+                    "d={d} i={i}: {yi} vs {want}"
+                );
             }
         }
     }

@@ -20,8 +20,8 @@
 
 mod blocks;
 pub mod codebook;
-pub mod gpu;
 mod error;
+pub mod gpu;
 pub mod hadamard;
 pub mod pack;
 mod reference;
@@ -32,9 +32,13 @@ mod turbo;
 #[cfg(test)]
 mod tests;
 
-pub use codebook::{codebook, expected_mse, gaussian_codebook, gaussian_expected_mse, Codebook, CoordinateLaw};
+pub use codebook::{
+    codebook, expected_mse, gaussian_codebook, gaussian_expected_mse, Codebook, CoordinateLaw,
+};
 pub use error::CodecError;
 pub use hadamard::{fwht_normalized, rotate, unrotate};
-pub use reference::{split_perm, Codec, CodecParams, Encoded, RotatedQuery, AUX_CODEBOOK_SLOTS, AUX_HEADER_WORDS};
+pub use reference::{
+    split_perm, Codec, CodecParams, Encoded, RotatedQuery, AUX_CODEBOOK_SLOTS, AUX_HEADER_WORDS,
+};
 pub use rng::{qjl_matrix, rotation_signs, SplitMix64, QJL_STREAM_XOR};
 pub use spec::{KvFormat, ScaleMode, VecFormat, FORMAT_HINT};

@@ -16,7 +16,11 @@ pub fn pack_bits(indices: &[u32], bits: u32, words: &mut [u32]) {
     let total = indices.len() * bits as usize;
     let n_words = total.div_ceil(32);
     words[..n_words].fill(0);
-    let mask = if bits == 32 { u32::MAX } else { (1u32 << bits) - 1 };
+    let mask = if bits == 32 {
+        u32::MAX
+    } else {
+        (1u32 << bits) - 1
+    };
     for (j, &idx) in indices.iter().enumerate() {
         let v = idx & mask;
         let bit = j * bits as usize;
@@ -33,7 +37,11 @@ pub fn unpack_index(words: &[u32], bits: u32, j: usize) -> u32 {
     if bits == 0 {
         return 0;
     }
-    let mask = if bits == 32 { u32::MAX } else { (1u32 << bits) - 1 };
+    let mask = if bits == 32 {
+        u32::MAX
+    } else {
+        (1u32 << bits) - 1
+    };
     let bit = j * bits as usize;
     let (w, off) = (bit / 32, (bit % 32) as u32);
     let mut v = words[w] >> off;
@@ -77,7 +85,9 @@ mod tests {
     fn bit_stream_round_trip_with_straddling() {
         for bits in 1..=8u32 {
             let n = 96usize;
-            let idx: Vec<u32> = (0..n as u32).map(|j| (j * 2654435761) >> (32 - bits)).collect();
+            let idx: Vec<u32> = (0..n as u32)
+                .map(|j| j.wrapping_mul(2654435761) >> (32 - bits))
+                .collect();
             let mut words = vec![0xFFFF_FFFFu32; (n * bits as usize).div_ceil(32)];
             pack_bits(&idx, bits, &mut words);
             assert_eq!(unpack_bits(&words, bits, n), idx, "bits={bits}");

@@ -36,7 +36,12 @@ pub struct CodecParams {
 impl CodecParams {
     /// Parameters without a permutation.
     pub fn new(format: VecFormat, d: usize, seed: u64) -> Self {
-        CodecParams { format, d, seed, perm: None }
+        CodecParams {
+            format,
+            d,
+            seed,
+            perm: None,
+        }
     }
 
     /// The same parameters with a channel permutation (split formats only).
@@ -49,9 +54,17 @@ impl CodecParams {
 /// The permutation of a split format whose outlier half is `outliers` (d/2 distinct channels < d, any
 /// order): the outliers in increasing order, then the other channels in increasing order.
 pub fn split_perm(d: usize, outliers: &[u32]) -> Result<Vec<u32>, CodecError> {
-    let bad = |why: String| CodecError::BadPermutation { format: "split".into(), dim: d, why };
+    let bad = |why: String| CodecError::BadPermutation {
+        format: "split".into(),
+        dim: d,
+        why,
+    };
     if outliers.len() != d / 2 {
-        return Err(bad(format!("{} outlier channels given, a split needs d/2 = {}", outliers.len(), d / 2)));
+        return Err(bad(format!(
+            "{} outlier channels given, a split needs d/2 = {}",
+            outliers.len(),
+            d / 2
+        )));
     }
     let mut is_outlier = vec![false; d];
     for &c in outliers {
@@ -116,7 +129,11 @@ impl Codec {
     pub fn new(params: CodecParams) -> Result<Self, CodecError> {
         let (format, d, seed) = (params.format, params.d, params.seed);
         format.validate_dim(d)?;
-        let bad_perm = |why: String| CodecError::BadPermutation { format: format.name(), dim: d, why };
+        let bad_perm = |why: String| CodecError::BadPermutation {
+            format: format.name(),
+            dim: d,
+            why,
+        };
         let mut parts = Vec::new();
         let mut s = Vec::new();
         let mut perm = Vec::new();
@@ -140,9 +157,16 @@ impl Codec {
             _ => {}
         }
         if params.perm.is_some() && !matches!(format, VecFormat::TurboSplit { .. }) {
-            return Err(bad_perm("only the split formats (turbo2.5, turbo3.5, …) take a permutation".into()));
+            return Err(bad_perm(
+                "only the split formats (turbo2.5, turbo3.5, …) take a permutation".into(),
+            ));
         }
-        Ok(Codec { params, parts, s, perm })
+        Ok(Codec {
+            params,
+            parts,
+            s,
+            perm,
+        })
     }
 
     /// Shorthand for `Codec::new(CodecParams::new(format, d, seed))`.
@@ -235,7 +259,9 @@ impl Codec {
             VecFormat::F16 => h[2] = 16,
             VecFormat::Q8_0 => h[2] = 8,
             VecFormat::Q4_0 => h[2] = 4,
-            VecFormat::Turbo { .. } | VecFormat::TurboProd { .. } | VecFormat::TurboSplit { .. } => {
+            VecFormat::Turbo { .. }
+            | VecFormat::TurboProd { .. }
+            | VecFormat::TurboSplit { .. } => {
                 let a = &self.parts[0];
                 h[2] = a.bits as u32;
                 h[4] = match format {
@@ -268,9 +294,22 @@ impl Codec {
     /// When a slice has the wrong length.
     pub fn encode_vector(&self, x: &[f32], codes: &mut [u32], scales: &mut [f16]) -> bool {
         let d = self.params.d;
-        assert_eq!(x.len(), d, "encode_vector: {} values for dimension {d}", x.len());
-        assert_eq!(codes.len(), self.code_words(), "encode_vector: code slice length");
-        assert_eq!(scales.len(), self.scale_halves(), "encode_vector: scale slice length");
+        assert_eq!(
+            x.len(),
+            d,
+            "encode_vector: {} values for dimension {d}",
+            x.len()
+        );
+        assert_eq!(
+            codes.len(),
+            self.code_words(),
+            "encode_vector: code slice length"
+        );
+        assert_eq!(
+            scales.len(),
+            self.scale_halves(),
+            "encode_vector: scale slice length"
+        );
         let ok = x.iter().all(|v| v.is_finite()) && self.encode_finite(x, codes, scales);
         if !ok {
             codes.fill(0);
@@ -323,8 +362,16 @@ impl Codec {
     /// When a slice has the wrong length.
     pub fn decode_vector(&self, codes: &[u32], scales: &[f16], out: &mut [f32]) {
         assert_eq!(out.len(), self.params.d, "decode_vector: output length");
-        assert_eq!(codes.len(), self.code_words(), "decode_vector: code slice length");
-        assert_eq!(scales.len(), self.scale_halves(), "decode_vector: scale slice length");
+        assert_eq!(
+            codes.len(),
+            self.code_words(),
+            "decode_vector: code slice length"
+        );
+        assert_eq!(
+            scales.len(),
+            self.scale_halves(),
+            "decode_vector: scale slice length"
+        );
         match self.params.format {
             VecFormat::F32 => blocks::decode_f32(codes, out),
             VecFormat::F16 => blocks::decode_f16(codes, out),
@@ -340,7 +387,9 @@ impl Codec {
         let s0 = scales.first().map_or(0.0, |s| s.to_f32());
         match self.params.format {
             VecFormat::Turbo { .. } => self.parts[0].decode_mse_rotated(codes, s0),
-            VecFormat::TurboProd { .. } => self.prod().decode_rotated(codes, s0, scales[1].to_f32()),
+            VecFormat::TurboProd { .. } => {
+                self.prod().decode_rotated(codes, s0, scales[1].to_f32())
+            }
             VecFormat::TurboSplit { .. } => {
                 let (codes_hi, codes_lo) = codes.split_at(self.parts[0].index_words());
                 let mut v = self.parts[0].decode_mse_rotated(codes_hi, s0);
@@ -361,7 +410,10 @@ impl Codec {
         let (enc, zeroed) = self.encode_impl(xs)?;
         match zeroed.first() {
             None => Ok(enc),
-            Some(&first_index) => Err(CodecError::NonFinite { count: zeroed.len(), first_index }),
+            Some(&first_index) => Err(CodecError::NonFinite {
+                count: zeroed.len(),
+                first_index,
+            }),
         }
     }
 
@@ -374,9 +426,12 @@ impl Codec {
 
     fn encode_impl(&self, xs: &[f32]) -> Result<(Encoded, Vec<usize>), CodecError> {
         let d = self.params.d;
-        if xs.len() % d != 0 {
+        if !xs.len().is_multiple_of(d) {
             return Err(CodecError::LengthMismatch {
-                what: format!("{} input of n vectors × d = {d} values (row-major)", self.params.format),
+                what: format!(
+                    "{} input of n vectors × d = {d} values (row-major)",
+                    self.params.format
+                ),
                 got: xs.len(),
                 expected: xs.len().div_ceil(d) * d,
             });
@@ -481,7 +536,13 @@ impl Codec {
     /// # Panics
     /// When `x.len() != d`.
     pub fn to_rotated(&self, x: &[f32]) -> Vec<f32> {
-        assert_eq!(x.len(), self.params.d, "to_rotated: {} values for dimension {}", x.len(), self.params.d);
+        assert_eq!(
+            x.len(),
+            self.params.d,
+            "to_rotated: {} values for dimension {}",
+            x.len(),
+            self.params.d
+        );
         match self.params.format {
             VecFormat::Turbo { .. } | VecFormat::TurboProd { .. } => self.parts[0].rotate(x),
             VecFormat::TurboSplit { .. } => {
@@ -517,9 +578,13 @@ impl Codec {
         let rqv = &rq.rotated;
         match self.params.format {
             VecFormat::Turbo { .. } => self.parts[0].score_mse(rqv, codes, scales[0].to_f32()),
-            VecFormat::TurboProd { .. } => {
-                self.prod().score(rqv, &rq.projected, codes, scales[0].to_f32(), scales[1].to_f32())
-            }
+            VecFormat::TurboProd { .. } => self.prod().score(
+                rqv,
+                &rq.projected,
+                codes,
+                scales[0].to_f32(),
+                scales[1].to_f32(),
+            ),
             VecFormat::TurboSplit { .. } => {
                 let half = self.params.d / 2;
                 let (codes_hi, codes_lo) = codes.split_at(self.parts[0].index_words());
@@ -528,7 +593,10 @@ impl Codec {
             }
             _ => {
                 let x = self.rotated_vector(codes, &scales);
-                rqv.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32
+                rqv.iter()
+                    .zip(&x)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>() as f32
             }
         }
     }
@@ -541,7 +609,12 @@ impl Codec {
     /// When `y.len() != d`.
     pub fn unrotate_output(&self, y: &[f32]) -> Vec<f32> {
         let d = self.params.d;
-        assert_eq!(y.len(), d, "unrotate_output: {} values for dimension {d}", y.len());
+        assert_eq!(
+            y.len(),
+            d,
+            "unrotate_output: {} values for dimension {d}",
+            y.len()
+        );
         match self.params.format {
             VecFormat::Turbo { .. } | VecFormat::TurboProd { .. } => self.parts[0].unrotate(y),
             VecFormat::TurboSplit { .. } => {
@@ -559,7 +632,10 @@ impl Codec {
     }
 
     fn prod(&self) -> Prod<'_> {
-        Prod { mse: &self.parts[0], s: &self.s }
+        Prod {
+            mse: &self.parts[0],
+            s: &self.s,
+        }
     }
 }
 

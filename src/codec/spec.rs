@@ -85,7 +85,10 @@ pub enum VecFormat {
 impl VecFormat {
     /// The TurboQuant_mse format with the paper's scale.
     pub fn turbo(bits: u8) -> Self {
-        VecFormat::Turbo { bits, scale: ScaleMode::Paper }
+        VecFormat::Turbo {
+            bits,
+            scale: ScaleMode::Paper,
+        }
     }
 
     /// `u32` words of codes per vector of dimension `d` (assumes [`Self::validate_dim`] passed).
@@ -152,12 +155,15 @@ impl VecFormat {
 
     /// Checks the bit widths (for formats built directly rather than parsed).
     pub fn validate_bits(&self) -> Result<(), CodecError> {
-        let bad = |bits: u8| CodecError::BadBits { format: self.name(), bits };
+        let bad = |bits: u8| CodecError::BadBits {
+            format: self.name(),
+            bits,
+        };
         match *self {
-            VecFormat::Turbo { bits, .. } | VecFormat::TurboProd { bits } => {
-                if !(1..=4).contains(&bits) {
-                    return Err(bad(bits));
-                }
+            VecFormat::Turbo { bits, .. } | VecFormat::TurboProd { bits }
+                if !(1..=4).contains(&bits) =>
+            {
+                return Err(bad(bits));
             }
             VecFormat::TurboSplit { hi, lo } => {
                 for b in [hi, lo] {
@@ -178,15 +184,15 @@ impl VecFormat {
         self.validate_bits()?;
         let why = match *self {
             VecFormat::F32 if d == 0 => Some("the dimension must be at least 1"),
-            VecFormat::F16 if d == 0 || d % 2 == 1 => Some("f16 packs two values per word: use an even dimension"),
-            VecFormat::Q8_0 | VecFormat::Q4_0 if d == 0 || d % 32 != 0 => {
+            VecFormat::F16 if d == 0 || !d.is_multiple_of(2) => Some("f16 packs two values per word: use an even dimension"),
+            VecFormat::Q8_0 | VecFormat::Q4_0 if d == 0 || !d.is_multiple_of(32) => {
                 Some("block formats need a multiple of 32 (blocks of 32 values)")
             }
             VecFormat::Turbo { .. } | VecFormat::TurboProd { .. } if !turbo_dim_ok(d) => Some(
                 "TurboQuant needs a power-of-two dimension from 32 to 256 (Walsh–Hadamard rotation in one \
                  workgroup); use f16 or q8_0 for this head size",
             ),
-            VecFormat::TurboSplit { .. } if d % 2 == 1 || !turbo_dim_ok(d / 2) => Some(
+            VecFormat::TurboSplit { .. } if !d.is_multiple_of(2) || !turbo_dim_ok(d / 2) => Some(
                 "split formats need d/2 to be a power of two from 32 to 256 (d = 64, 128, 256 or 512); \
                  use a whole-bit turbo format for this head size",
             ),
@@ -194,7 +200,11 @@ impl VecFormat {
         };
         match why {
             None => Ok(()),
-            Some(why) => Err(CodecError::BadDim { format: self.name(), dim: d, why: why.into() }),
+            Some(why) => Err(CodecError::BadDim {
+                format: self.name(),
+                dim: d,
+                why: why.into(),
+            }),
         }
     }
 }
@@ -204,7 +214,10 @@ fn turbo_dim_ok(d: usize) -> bool {
 }
 
 fn unknown(input: &str) -> CodecError {
-    CodecError::UnknownFormat { input: input.to_string(), hint: FORMAT_HINT.to_string() }
+    CodecError::UnknownFormat {
+        input: input.to_string(),
+        hint: FORMAT_HINT.to_string(),
+    }
 }
 
 fn parse_bits(s: &str) -> Option<u8> {
@@ -239,7 +252,10 @@ fn parse_turbo(rest: &str) -> Option<VecFormat> {
         return (lo < 4).then_some(VecFormat::TurboSplit { hi: lo + 1, lo });
     }
     if let Some((hi, lo)) = rest.split_once('+') {
-        return Some(VecFormat::TurboSplit { hi: parse_bits(hi)?, lo: parse_bits(lo)? });
+        return Some(VecFormat::TurboSplit {
+            hi: parse_bits(hi)?,
+            lo: parse_bits(lo)?,
+        });
     }
     let (num, suffix) = match rest.char_indices().nth(1) {
         Some((i, _)) => rest.split_at(i),
@@ -247,9 +263,18 @@ fn parse_turbo(rest: &str) -> Option<VecFormat> {
     };
     let bits = parse_bits(num)?;
     match suffix {
-        "" => Some(VecFormat::Turbo { bits, scale: ScaleMode::Paper }),
-        "n" => Some(VecFormat::Turbo { bits, scale: ScaleMode::Norm }),
-        "u" => Some(VecFormat::Turbo { bits, scale: ScaleMode::Unbiased }),
+        "" => Some(VecFormat::Turbo {
+            bits,
+            scale: ScaleMode::Paper,
+        }),
+        "n" => Some(VecFormat::Turbo {
+            bits,
+            scale: ScaleMode::Norm,
+        }),
+        "u" => Some(VecFormat::Turbo {
+            bits,
+            scale: ScaleMode::Unbiased,
+        }),
         "p" => Some(VecFormat::TurboProd { bits }),
         _ => None,
     }
@@ -332,7 +357,9 @@ impl FromStr for KvFormat {
                 _ => Err(unknown(input)),
             };
         }
-        s.parse::<VecFormat>().map(KvFormat::uniform).map_err(|_| unknown(input))
+        s.parse::<VecFormat>()
+            .map(KvFormat::uniform)
+            .map_err(|_| unknown(input))
     }
 }
 
@@ -365,7 +392,12 @@ mod tests {
     use super::*;
 
     fn all_formats() -> Vec<VecFormat> {
-        let mut v = vec![VecFormat::F32, VecFormat::F16, VecFormat::Q8_0, VecFormat::Q4_0];
+        let mut v = vec![
+            VecFormat::F32,
+            VecFormat::F16,
+            VecFormat::Q8_0,
+            VecFormat::Q4_0,
+        ];
         for bits in 1..=4 {
             for scale in [ScaleMode::Paper, ScaleMode::Norm, ScaleMode::Unbiased] {
                 v.push(VecFormat::Turbo { bits, scale });
@@ -391,9 +423,27 @@ mod tests {
             ("f16", VecFormat::F16),
             ("q8_0", VecFormat::Q8_0),
             ("q4_0", VecFormat::Q4_0),
-            ("turbo3", VecFormat::Turbo { bits: 3, scale: ScaleMode::Paper }),
-            ("turbo3n", VecFormat::Turbo { bits: 3, scale: ScaleMode::Norm }),
-            ("turbo3u", VecFormat::Turbo { bits: 3, scale: ScaleMode::Unbiased }),
+            (
+                "turbo3",
+                VecFormat::Turbo {
+                    bits: 3,
+                    scale: ScaleMode::Paper,
+                },
+            ),
+            (
+                "turbo3n",
+                VecFormat::Turbo {
+                    bits: 3,
+                    scale: ScaleMode::Norm,
+                },
+            ),
+            (
+                "turbo3u",
+                VecFormat::Turbo {
+                    bits: 3,
+                    scale: ScaleMode::Unbiased,
+                },
+            ),
             ("turbo3p", VecFormat::TurboProd { bits: 3 }),
             ("turbo2.5", VecFormat::TurboSplit { hi: 3, lo: 2 }),
             ("turbo3.5", VecFormat::TurboSplit { hi: 4, lo: 3 }),
@@ -407,7 +457,10 @@ mod tests {
 
     #[test]
     fn bad_names_say_what_is_valid() {
-        for s in ["", "turbo", "turbo5", "turbo0", "turbo3x", "turbo4.5", "q8", "k5v2", "k4v", "turbo3/", "bf16", "turboé", "k4vé"] {
+        for s in [
+            "", "turbo", "turbo5", "turbo0", "turbo3x", "turbo4.5", "q8", "k5v2", "k4v", "turbo3/",
+            "bf16", "turboé", "k4vé",
+        ] {
             let e = s.parse::<KvFormat>().unwrap_err();
             match &e {
                 CodecError::UnknownFormat { input, hint } => {
@@ -417,23 +470,49 @@ mod tests {
                 other => panic!("{s}: {other:?}"),
             }
             let msg = e.to_string();
-            assert!(msg.contains(&format!("{s:?}")) && msg.contains("q8_0"), "{msg}");
+            assert!(
+                msg.contains(&format!("{s:?}")) && msg.contains("q8_0"),
+                "{msg}"
+            );
         }
     }
 
     #[test]
     fn kv_formats() {
         let t = |b| VecFormat::turbo(b);
-        assert_eq!("turbo3".parse::<KvFormat>().unwrap(), KvFormat::uniform(t(3)));
-        assert_eq!("turbo4/turbo2".parse::<KvFormat>().unwrap(), KvFormat { k: t(4), v: t(2) });
-        assert_eq!("k4v2".parse::<KvFormat>().unwrap(), KvFormat { k: t(4), v: t(2) });
-        assert_eq!("k8v4".parse::<KvFormat>().unwrap(), KvFormat { k: VecFormat::Q8_0, v: t(4) });
+        assert_eq!(
+            "turbo3".parse::<KvFormat>().unwrap(),
+            KvFormat::uniform(t(3))
+        );
+        assert_eq!(
+            "turbo4/turbo2".parse::<KvFormat>().unwrap(),
+            KvFormat { k: t(4), v: t(2) }
+        );
+        assert_eq!(
+            "k4v2".parse::<KvFormat>().unwrap(),
+            KvFormat { k: t(4), v: t(2) }
+        );
+        assert_eq!(
+            "k8v4".parse::<KvFormat>().unwrap(),
+            KvFormat {
+                k: VecFormat::Q8_0,
+                v: t(4)
+            }
+        );
         assert_eq!(
             "k16v32".parse::<KvFormat>().unwrap(),
-            KvFormat { k: VecFormat::F16, v: VecFormat::F32 }
+            KvFormat {
+                k: VecFormat::F16,
+                v: VecFormat::F32
+            }
         );
         assert_eq!("K3V3".parse::<KvFormat>().unwrap(), KvFormat::uniform(t(3)));
-        for s in ["turbo3", "turbo4/turbo2", "q8_0/turbo3p", "turbo2.5/turbo3u"] {
+        for s in [
+            "turbo3",
+            "turbo4/turbo2",
+            "q8_0/turbo3p",
+            "turbo2.5/turbo3u",
+        ] {
             let f: KvFormat = s.parse().unwrap();
             assert_eq!(f.to_string(), s);
             assert_eq!(f.to_string().parse::<KvFormat>().unwrap(), f);
@@ -464,12 +543,28 @@ mod tests {
         let ok = |s: &str, d| s.parse::<VecFormat>().unwrap().validate_dim(d).is_ok();
         assert!(ok("turbo3", 64) && ok("turbo3", 32) && ok("turbo3", 256));
         assert!(!ok("turbo3", 16) && !ok("turbo3", 96) && !ok("turbo3", 512));
-        assert!(ok("turbo2.5", 64) && ok("turbo2.5", 512) && !ok("turbo2.5", 32) && !ok("turbo2.5", 96));
+        assert!(
+            ok("turbo2.5", 64) && ok("turbo2.5", 512) && !ok("turbo2.5", 32) && !ok("turbo2.5", 96)
+        );
         assert!(ok("q8_0", 96) && !ok("q8_0", 48) && !ok("q4_0", 0));
         assert!(ok("f16", 6) && !ok("f16", 7) && ok("f32", 7) && !ok("f32", 0));
         let e = VecFormat::turbo(3).validate_dim(80).unwrap_err();
-        assert!(e.to_string().contains("80") && e.to_string().contains("power-of-two"), "{e}");
-        let e = VecFormat::Turbo { bits: 5, scale: ScaleMode::Paper }.validate_dim(64).unwrap_err();
-        assert_eq!(e, CodecError::BadBits { format: "turbo5".into(), bits: 5 });
+        assert!(
+            e.to_string().contains("80") && e.to_string().contains("power-of-two"),
+            "{e}"
+        );
+        let e = VecFormat::Turbo {
+            bits: 5,
+            scale: ScaleMode::Paper,
+        }
+        .validate_dim(64)
+        .unwrap_err();
+        assert_eq!(
+            e,
+            CodecError::BadBits {
+                format: "turbo5".into(),
+                bits: 5
+            }
+        );
     }
 }

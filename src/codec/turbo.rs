@@ -49,7 +49,12 @@ struct Quantized {
 
 impl TurboPart {
     pub fn new(d: usize, bits: u8, seed: u64) -> Self {
-        TurboPart { d, bits, signs: rotation_signs(seed, d), codebook: codebook(d, bits) }
+        TurboPart {
+            d,
+            bits,
+            signs: rotation_signs(seed, d),
+            codebook: codebook(d, bits),
+        }
     }
 
     /// Code words of this part's indices.
@@ -204,7 +209,10 @@ impl Prod<'_> {
 
     /// S·rq, the query's QJL projection (once per query).
     pub fn project(&self, rq: &[f32]) -> Vec<f32> {
-        self.s.chunks_exact(self.d()).map(|row| dot_f64(row, rq) as f32).collect()
+        self.s
+            .chunks_exact(self.d())
+            .map(|row| dot_f64(row, rq) as f32)
+            .collect()
     }
 
     /// s·(⟨rq, ĉ⟩ + √(π/2)/d·γ·⟨S·rq, σ⟩), computed on the codes.
@@ -212,7 +220,9 @@ impl Prod<'_> {
         let (mse_codes, sign_codes) = codes.split_at(self.mse_words());
         let c = self.mse.codebook.centroids();
         let mse: f64 = (0..self.d())
-            .map(|j| rq[j] as f64 * c[unpack_index(mse_codes, self.mse.bits as u32, j) as usize] as f64)
+            .map(|j| {
+                rq[j] as f64 * c[unpack_index(mse_codes, self.mse.bits as u32, j) as usize] as f64
+            })
             .sum();
         let qjl: f64 = projected
             .iter()

@@ -60,7 +60,7 @@ impl LlamaConfig {
                 "llama.attention.head_count is 0".into(),
             ));
         }
-        if !file.contains_key("llama.attention.key_length") && n_embd % n_head != 0 {
+        if !file.contains_key("llama.attention.key_length") && !n_embd.is_multiple_of(n_head) {
             return Err(GgufError::InvalidConfig(format!(
                 "embedding length {n_embd} is not a multiple of the head count {n_head}"
             )));
@@ -110,13 +110,13 @@ impl LlamaConfig {
                 return fail(format!("llama.{name} is 0"));
             }
         }
-        if self.n_head % self.n_head_kv != 0 {
+        if !self.n_head.is_multiple_of(self.n_head_kv) {
             return fail(format!(
                 "head count {} is not a multiple of the KV head count {}",
                 self.n_head, self.n_head_kv
             ));
         }
-        if self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
+        if self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
             return fail(format!(
                 "RoPE dimension count {} must be even and at most the head dimension {}",
                 self.rope_dim, self.head_dim
@@ -158,7 +158,10 @@ mod tests {
             .kv("llama.attention.head_count", GgufValue::U32(9))
             .kv("llama.attention.head_count_kv", GgufValue::U32(3))
             .kv("llama.rope.freq_base", GgufValue::F32(100000.0))
-            .kv("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(1e-5))
+            .kv(
+                "llama.attention.layer_norm_rms_epsilon",
+                GgufValue::F32(1e-5),
+            )
             .kv("llama.vocab_size", GgufValue::U32(49152))
     }
 
@@ -195,7 +198,10 @@ mod tests {
                 "llama.rope.freq_base" | "llama.attention.head_count_kv" | "llama.vocab_size"
             )
         });
-        let w = w.kv("tokenizer.ggml.tokens", Writer::string_array(&["a", "b", "c"]));
+        let w = w.kv(
+            "tokenizer.ggml.tokens",
+            Writer::string_array(&["a", "b", "c"]),
+        );
         let c = LlamaConfig::from_gguf(&GgufFile::parse(&w.to_bytes()).unwrap()).unwrap();
         assert_eq!((c.rope_base, c.n_head_kv, c.vocab_size), (10000.0, 9, 3));
     }
@@ -213,7 +219,11 @@ mod tests {
         let mut w = smollm_like();
         w.metadata[6].1 = GgufValue::U32(4);
         let e = LlamaConfig::from_gguf(&GgufFile::parse(&w.to_bytes()).unwrap()).unwrap_err();
-        assert!(e.to_string().contains("not a multiple of the KV head count"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("not a multiple of the KV head count"),
+            "{e}"
+        );
 
         let mut w = smollm_like();
         w.metadata.retain(|(k, _)| k != "llama.block_count");

@@ -83,7 +83,7 @@ pub enum GgufError {
     /// A count that cannot fit in the remaining bytes (corrupt file or allocation bomb).
     #[error(
         "{what} at byte {offset} declares {count} entries, which cannot fit in the {remaining} \
-         bytes left in the file"
+         bytes left in the file (truncated or corrupt file)"
     )]
     AbsurdCount {
         /// What the count counts.
@@ -584,8 +584,8 @@ impl GgmlType {
         match self {
             F32 | F16 | BF16 | I8 | I16 | I32 | I64 | F64 => 1,
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4_NL | MXFP4 => 32,
-            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K | IQ2_XXS | IQ2_XS | IQ3_XXS | IQ1_S | IQ3_S
-            | IQ2_S | IQ4_XS | IQ1_M | TQ1_0 | TQ2_0 => 256,
+            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K | IQ2_XXS | IQ2_XS | IQ3_XXS | IQ1_S
+            | IQ3_S | IQ2_S | IQ4_XS | IQ1_M | TQ1_0 | TQ2_0 => 256,
         }
     }
 
@@ -676,7 +676,7 @@ impl GgmlType {
     /// Bytes taken by `n_elements` values, or `None` when `n_elements` is not a whole number of
     /// blocks or the size overflows.
     pub fn bytes_for(self, n_elements: u64) -> Option<u64> {
-        if n_elements % self.block_size() != 0 {
+        if !n_elements.is_multiple_of(self.block_size()) {
             return None;
         }
         (n_elements / self.block_size()).checked_mul(self.type_size())
@@ -715,7 +715,10 @@ impl TensorInfo {
     }
 
     fn checked_n_bytes(&self) -> Option<u64> {
-        let n = self.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))?;
+        let n = self
+            .dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))?;
         self.ggml_type.bytes_for(n)
     }
 
@@ -739,7 +742,7 @@ impl TensorInfo {
             reason,
         };
         let ne0 = self.dims.first().copied().unwrap_or(1);
-        if ne0 % self.ggml_type.block_size() != 0 {
+        if !ne0.is_multiple_of(self.ggml_type.block_size()) {
             return Err(bad(format!(
                 "the first dimension {ne0} is not a multiple of the block size {}",
                 self.ggml_type.block_size()
@@ -817,7 +820,11 @@ impl GgufFile {
     /// tensor data: get it with [`GgufFile::tensor_data_in`] from the same bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self> {
         let header = parse_bytes(bytes)?;
-        Ok(Self::from_header(header, bytes.len() as u64, Source::Detached))
+        Ok(Self::from_header(
+            header,
+            bytes.len() as u64,
+            Source::Detached,
+        ))
     }
 
     /// Parses an in-memory GGUF and keeps the bytes (no copy), so tensor data can be borrowed
@@ -1154,9 +1161,7 @@ impl<R: Read> Reader<R> {
                 Ok(())
             }
             // The file shrank under us, or its reported size was wrong.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                Err(self.truncated(needed, what))
-            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(self.truncated(needed, what)),
             Err(source) => Err(GgufError::Io {
                 path: self.path.clone(),
                 source,
@@ -1232,13 +1237,12 @@ impl<R: Read> Reader<R> {
                 }
                 let type_offset = self.pos;
                 let type_id = self.u32(&format_args!("element type of array '{key}'"))?;
-                let elem = GgufValueType::from_id(type_id).ok_or_else(|| {
-                    GgufError::UnknownValueType {
+                let elem =
+                    GgufValueType::from_id(type_id).ok_or_else(|| GgufError::UnknownValueType {
                         key: key.to_string(),
                         type_id,
                         offset: type_offset,
-                    }
-                })?;
+                    })?;
                 let count = self.count(
                     elem.min_encoded_bytes(),
                     &format_args!("length of array '{key}'"),
@@ -1264,15 +1268,6 @@ fn parse_header<R: Read>(r: &mut Reader<R>) -> Result<Header> {
     }
     let n_tensors = r.u64(&"tensor count")?;
     let n_kv = r.count(MIN_KV_BYTES, &"metadata count")?;
-    // Every tensor info follows the metadata, so both must fit in what remains.
-    if n_tensors.saturating_mul(MIN_TENSOR_INFO_BYTES) > r.remaining() {
-        return Err(GgufError::AbsurdCount {
-            what: "tensor count".to_string(),
-            offset: 8,
-            count: n_tensors,
-            remaining: r.remaining(),
-        });
-    }
 
     let mut metadata: Vec<(String, GgufValue)> = Vec::with_capacity(n_kv as usize);
     let mut seen_keys = std::collections::HashSet::with_capacity(n_kv as usize);
@@ -1311,6 +1306,7 @@ fn parse_header<R: Read>(r: &mut Reader<R>) -> Result<Header> {
         }
     };
 
+    // The tensor table follows the metadata: checked here, so the table fits in what remains.
     if n_tensors.saturating_mul(MIN_TENSOR_INFO_BYTES) > r.remaining() {
         return Err(GgufError::AbsurdCount {
             what: "tensor count".to_string(),
@@ -1354,7 +1350,7 @@ fn parse_header<R: Read>(r: &mut Reader<R>) -> Result<Header> {
         .unwrap_or(u64::MAX);
     for t in &tensors {
         let size = t.validate_shape()?;
-        if t.offset % alignment != 0 {
+        if !t.offset.is_multiple_of(alignment) {
             return Err(GgufError::MisalignedTensor {
                 name: t.name.clone(),
                 offset: t.offset,
@@ -1443,7 +1439,10 @@ pub(crate) mod test_writer {
         pub fn string_array(items: &[&str]) -> GgufValue {
             GgufValue::Array {
                 elem: GgufValueType::String,
-                items: items.iter().map(|s| GgufValue::String(s.to_string())).collect(),
+                items: items
+                    .iter()
+                    .map(|s| GgufValue::String(s.to_string()))
+                    .collect(),
             }
         }
 
@@ -1589,7 +1588,9 @@ mod tests {
     }
 
     fn pattern(n: usize, seed: u8) -> Vec<u8> {
-        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     /// A small valid file with every value type and tensors of several types.
@@ -1647,7 +1648,10 @@ mod tests {
                 assert_eq!(f.get_array_i64("t.array_i32").unwrap(), [-1, 7]);
                 assert_eq!(f.get_array_f32("t.array_f32").unwrap(), [0.5, -4.0]);
                 assert_eq!(f.get_array("t.array_nested").unwrap().len(), 2);
-                assert_eq!(f.metadata().count(), all_value_types().len() + usize::from(alignment.is_some()));
+                assert_eq!(
+                    f.metadata().count(),
+                    all_value_types().len() + usize::from(alignment.is_some())
+                );
 
                 assert_eq!(f.tensors().len(), datas.len());
                 for (name, data) in &datas {
@@ -1684,7 +1688,8 @@ mod tests {
     #[test]
     fn open_reads_from_disk_lazily() {
         let (w, datas) = sample(3, Some(64));
-        let path = std::env::temp_dir().join(format!("kvpack-gguf-test-{}.gguf", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("kvpack-gguf-test-{}.gguf", std::process::id()));
         std::fs::write(&path, w.to_bytes()).unwrap();
         let f = GgufFile::open(&path);
         let result = (|| -> Result<()> {
@@ -1696,7 +1701,11 @@ mod tests {
             let mut small = [0u8; 3];
             assert!(matches!(
                 f.read_tensor_into("f32.weight", &mut small),
-                Err(GgufError::BufferSize { expected: 24, got: 3, .. })
+                Err(GgufError::BufferSize {
+                    expected: 24,
+                    got: 3,
+                    ..
+                })
             ));
             Ok(())
         })();
@@ -1705,7 +1714,9 @@ mod tests {
 
         let missing = GgufFile::open("/nonexistent/kvpack/model.gguf").unwrap_err();
         assert!(matches!(missing, GgufError::Io { .. }));
-        assert!(missing.to_string().contains("/nonexistent/kvpack/model.gguf"));
+        assert!(missing
+            .to_string()
+            .contains("/nonexistent/kvpack/model.gguf"));
     }
 
     #[test]
@@ -1721,18 +1732,42 @@ mod tests {
                 expected,
                 found,
             }) => {
-                assert_eq!((key.as_str(), expected, found.as_str()), ("t.string", "u32", "string"));
+                assert_eq!(
+                    (key.as_str(), expected, found.as_str()),
+                    ("t.string", "u32", "string")
+                );
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(f.get_u32("t.i8"), Err(GgufError::OutOfRange { .. })));
-        assert!(matches!(f.get_u32("t.u64"), Err(GgufError::OutOfRange { .. })));
-        assert!(matches!(f.get_str("t.u8"), Err(GgufError::WrongType { .. })));
-        assert!(matches!(f.get_bool("t.u8"), Err(GgufError::WrongType { .. })));
-        assert!(matches!(f.get_f32("t.u8"), Err(GgufError::WrongType { .. })));
+        assert!(matches!(
+            f.get_u32("t.i8"),
+            Err(GgufError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            f.get_u32("t.u64"),
+            Err(GgufError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            f.get_str("t.u8"),
+            Err(GgufError::WrongType { .. })
+        ));
+        assert!(matches!(
+            f.get_bool("t.u8"),
+            Err(GgufError::WrongType { .. })
+        ));
+        assert!(matches!(
+            f.get_f32("t.u8"),
+            Err(GgufError::WrongType { .. })
+        ));
         let e = f.get_array_str("t.array_i32").unwrap_err();
-        assert_eq!(e.to_string(), "metadata key 't.array_i32' holds array<i32>, expected array<string>");
-        assert!(matches!(f.tensor_info("nope"), Err(GgufError::MissingTensor { .. })));
+        assert_eq!(
+            e.to_string(),
+            "metadata key 't.array_i32' holds array<i32>, expected array<string>"
+        );
+        assert!(matches!(
+            f.tensor_info("nope"),
+            Err(GgufError::MissingTensor { .. })
+        ));
     }
 
     #[test]
@@ -1762,7 +1797,9 @@ mod tests {
             let bytes = sample(version, Some(64)).0.to_bytes();
             for len in 0..bytes.len() {
                 match GgufFile::parse(&bytes[..len]) {
-                    Err(GgufError::Truncated { offset, file_size, .. }) => {
+                    Err(GgufError::Truncated {
+                        offset, file_size, ..
+                    }) => {
                         assert_eq!(file_size, len as u64);
                         assert!(offset <= len as u64);
                     }
@@ -1771,8 +1808,13 @@ mod tests {
                 }
             }
         }
-        let e = GgufFile::parse(&sample(3, None).0.to_bytes()[..30]).unwrap_err();
-        assert!(e.to_string().contains("truncated at byte"), "{e}");
+        let bytes = sample(3, None).0.to_bytes();
+        let cut = GgufFile::parse(&bytes).unwrap().data_offset() as usize - 40;
+        let e = GgufFile::parse(&bytes[..cut]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("GGUF file truncated at byte"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1823,16 +1865,34 @@ mod tests {
         let mut w = Writer::new(3).tensor("a", &[2], GgmlType::F32.id(), vec![0; 8]);
         w.tensors[0].offset = Some(4);
         let e = GgufFile::parse(&w.to_bytes()).unwrap_err();
-        assert!(matches!(e, GgufError::MisalignedTensor { offset: 4, alignment: 32, .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                GgufError::MisalignedTensor {
+                    offset: 4,
+                    alignment: 32,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn unknown_and_unsupported_tensor_types() {
         let w = Writer::new(3).tensor("x", &[32], 4, vec![0; 32]);
         let e = GgufFile::parse(&w.to_bytes()).unwrap_err();
-        assert!(matches!(e, GgufError::UnknownTensorType { type_id: 4, .. }), "{e:?}");
+        assert!(
+            matches!(e, GgufError::UnknownTensorType { type_id: 4, .. }),
+            "{e:?}"
+        );
 
-        let w = Writer::new(3).tensor("blk.0.ffn_down.weight", &[256], GgmlType::Q5_K.id(), vec![0; 176]);
+        let w = Writer::new(3).tensor(
+            "blk.0.ffn_down.weight",
+            &[256],
+            GgmlType::Q5_K.id(),
+            vec![0; 176],
+        );
         let f = GgufFile::parse(&w.to_bytes()).unwrap();
         let info = f.tensor_info("blk.0.ffn_down.weight").unwrap();
         let e = info.check_supported().unwrap_err();
@@ -1840,7 +1900,13 @@ mod tests {
             e.to_string().split(':').next().unwrap(),
             "unsupported tensor type Q5_K for tensor 'blk.0.ffn_down.weight'"
         );
-        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+        ] {
             assert!(ty.is_supported());
         }
         assert_eq!(GgmlType::ALL.iter().filter(|t| t.is_supported()).count(), 5);
@@ -1871,7 +1937,10 @@ mod tests {
         assert!(e.to_string().contains("overflows"), "{e}");
         let w = Writer::new(3).tensor("x", &[1, 1, 1, 1, 1], GgmlType::F32.id(), vec![0; 4]);
         let e = GgufFile::parse(&w.to_bytes()).unwrap_err();
-        assert!(matches!(e, GgufError::TooManyDims { n_dims: 5, .. }), "{e:?}");
+        assert!(
+            matches!(e, GgufError::TooManyDims { n_dims: 5, .. }),
+            "{e:?}"
+        );
     }
 
     /// Patches the u64 at `at` in a written file.
@@ -1886,7 +1955,10 @@ mod tests {
         let mut bytes = w.to_bytes();
         patch_u64(&mut bytes, 41, u64::MAX / 2);
         let e = GgufFile::parse(&bytes).unwrap_err();
-        assert!(matches!(e, GgufError::AbsurdCount { offset: 41, .. }), "{e:?}");
+        assert!(
+            matches!(e, GgufError::AbsurdCount { offset: 41, .. }),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("length of array 'k'"), "{e}");
 
         // String length.
@@ -1894,20 +1966,38 @@ mod tests {
         let mut bytes = w.to_bytes();
         patch_u64(&mut bytes, 37, u64::MAX);
         let e = GgufFile::parse(&bytes).unwrap_err();
-        assert!(matches!(e, GgufError::Truncated { needed: u64::MAX, .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                GgufError::Truncated {
+                    needed: u64::MAX,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
 
         // Key length.
         let mut bytes = w.to_bytes();
         patch_u64(&mut bytes, 24, 1 << 62);
-        assert!(matches!(GgufFile::parse(&bytes), Err(GgufError::Truncated { .. })));
+        assert!(matches!(
+            GgufFile::parse(&bytes),
+            Err(GgufError::Truncated { .. })
+        ));
 
         // Tensor count and metadata count.
         let mut bytes = w.to_bytes();
         patch_u64(&mut bytes, 8, u64::MAX);
-        assert!(matches!(GgufFile::parse(&bytes), Err(GgufError::AbsurdCount { .. })));
+        assert!(matches!(
+            GgufFile::parse(&bytes),
+            Err(GgufError::AbsurdCount { .. })
+        ));
         let mut bytes = w.to_bytes();
         patch_u64(&mut bytes, 16, 1 << 40);
-        assert!(matches!(GgufFile::parse(&bytes), Err(GgufError::AbsurdCount { .. })));
+        assert!(matches!(
+            GgufFile::parse(&bytes),
+            Err(GgufError::AbsurdCount { .. })
+        ));
     }
 
     #[test]
@@ -1929,31 +2019,54 @@ mod tests {
             .kv("a", GgufValue::U8(1))
             .kv("a", GgufValue::U8(2))
             .to_bytes();
-        assert!(matches!(GgufFile::parse(&bytes), Err(GgufError::DuplicateKey { .. })));
+        assert!(matches!(
+            GgufFile::parse(&bytes),
+            Err(GgufError::DuplicateKey { .. })
+        ));
 
         let bytes = Writer::new(3)
             .tensor("t", &[1], 0, vec![0; 4])
             .tensor("t", &[1], 0, vec![0; 4])
             .to_bytes();
-        assert!(matches!(GgufFile::parse(&bytes), Err(GgufError::DuplicateTensor { .. })));
+        assert!(matches!(
+            GgufFile::parse(&bytes),
+            Err(GgufError::DuplicateTensor { .. })
+        ));
 
-        let bytes = Writer::new(3).kv("general.alignment", GgufValue::U32(48)).to_bytes();
-        assert!(matches!(GgufFile::parse(&bytes), Err(GgufError::BadAlignment { alignment: 48 })));
-        let bytes = Writer::new(3).kv("general.alignment", GgufValue::U32(0)).to_bytes();
-        assert!(matches!(GgufFile::parse(&bytes), Err(GgufError::BadAlignment { alignment: 0 })));
+        let bytes = Writer::new(3)
+            .kv("general.alignment", GgufValue::U32(48))
+            .to_bytes();
+        assert!(matches!(
+            GgufFile::parse(&bytes),
+            Err(GgufError::BadAlignment { alignment: 48 })
+        ));
+        let bytes = Writer::new(3)
+            .kv("general.alignment", GgufValue::U32(0))
+            .to_bytes();
+        assert!(matches!(
+            GgufFile::parse(&bytes),
+            Err(GgufError::BadAlignment { alignment: 0 })
+        ));
 
         // Unknown value type id 13 at the value type position (24 + 8 + 1).
         let mut bytes = Writer::new(3).kv("k", GgufValue::U8(1)).to_bytes();
         bytes[33..37].copy_from_slice(&13u32.to_le_bytes());
         assert!(matches!(
             GgufFile::parse(&bytes),
-            Err(GgufError::UnknownValueType { type_id: 13, offset: 33, .. })
+            Err(GgufError::UnknownValueType {
+                type_id: 13,
+                offset: 33,
+                ..
+            })
         ));
 
         // Invalid UTF-8 in a key.
         let mut bytes = Writer::new(3).kv("k", GgufValue::U8(1)).to_bytes();
         bytes[32] = 0xFF;
-        assert!(matches!(GgufFile::parse(&bytes), Err(GgufError::InvalidUtf8 { offset: 24, .. })));
+        assert!(matches!(
+            GgufFile::parse(&bytes),
+            Err(GgufError::InvalidUtf8 { offset: 24, .. })
+        ));
     }
 
     #[test]
@@ -1961,6 +2074,9 @@ mod tests {
         let f = GgufFile::parse(&Writer::new(2).to_bytes()).unwrap();
         assert_eq!(f.tensors().len(), 0);
         assert_eq!(f.metadata().count(), 0);
-        assert!(matches!(GgufFile::parse(&[]), Err(GgufError::Truncated { offset: 0, .. })));
+        assert!(matches!(
+            GgufFile::parse(&[]),
+            Err(GgufError::Truncated { offset: 0, .. })
+        ));
     }
 }

@@ -57,6 +57,11 @@ named = [
     ("only_newlines", "\n\n\n"),
     ("control_chars", "tab\there\u000bvt\u000cff\u0000nul\u007fdel"),
     ("nbsp_and_unicode_spaces", "a\u00a0b\u2003c\u3000d \u00a0 e"),
+    ("more_spaces", "x\u0085y\u2028z\u001cw\u001fv\u180ew\u200bq\ufeffr"),
+    # SmolLM2's vocabulary has no token for bytes 04 06 13 14 16 1d c0 c1 f1 f2 f5..ff: both
+    # reference implementations drop them, so these texts do not survive a round trip.
+    ("dropped_control_bytes", "a\u0004b\u0006c\u0013\u0014d\u0016e\u001d f"),
+    ("dropped_lead_bytes", "x\U00040000y!\U00080001!z \U000BFFFF"),
 ]
 
 rng = random.Random(20240501)
@@ -79,7 +84,8 @@ for i in range(30):
 vectors = []
 for name, text in named:
     ids = tok.encode(text, add_special_tokens=False).ids
-    assert tok.decode(ids, skip_special_tokens=False) == text, name
+    if not name.startswith("dropped_"):
+        assert tok.decode(ids, skip_special_tokens=False) == text, name
     vectors.append({"name": name, "text": text, "ids": ids})
 
 header = {

@@ -1,0 +1,46 @@
+//! Shared by the GPU integration tests: every test runs on each backend in
+//! `KVPACK_TEST_BACKENDS` (default `vulkan,gl`: lavapipe and llvmpipe on a machine without a GPU),
+//! with WebGPU's default limits forced. A missing adapter fails the test loudly; nothing skips.
+#![allow(dead_code)]
+
+use kvpack::gpu::{BackendChoice, Gpu, GpuOptions};
+
+/// One opened GPU per backend under test.
+pub fn gpus() -> Vec<Gpu> {
+    let list = std::env::var("KVPACK_TEST_BACKENDS").unwrap_or_else(|_| "vulkan,gl".into());
+    list.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|name| {
+            let backend: BackendChoice = name.trim().parse().expect("KVPACK_TEST_BACKENDS");
+            let opts = GpuOptions { backend, webgpu_limits: true, ..Default::default() };
+            Gpu::new_blocking(&opts).unwrap_or_else(|e| {
+                panic!(
+                    "GPU test needs a `{name}` adapter and found none: {e}\n\
+                     Install the software drivers with `scripts/test.sh` (mesa-vulkan-drivers for \
+                     Vulkan; llvmpipe GL comes with libgl1-mesa-dri), or set KVPACK_TEST_BACKENDS."
+                )
+            })
+        })
+        .collect()
+}
+
+/// Deterministic test randomness (a different stream per seed).
+pub struct Rng(kvpack::codec::SplitMix64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(kvpack::codec::SplitMix64::new(seed))
+    }
+    pub fn gauss(&mut self, n: usize) -> Vec<f32> {
+        (0..n.div_ceil(2))
+            .flat_map(|_| {
+                let (a, b) = self.0.next_gaussian_pair();
+                [a as f32, b as f32]
+            })
+            .take(n)
+            .collect()
+    }
+    pub fn uniform(&mut self) -> f64 {
+        self.0.next_f64()
+    }
+}
