@@ -4,7 +4,9 @@
 mod common;
 
 use common::{gpus, Rng};
-use kvpack::attention::{decode_attention_into, reference_attention, AttentionScratch, AttentionShape, KvPages};
+use kvpack::attention::{
+    decode_attention_into, reference_attention, AttentionScratch, AttentionShape, KvPages,
+};
 use kvpack::codec::gpu::GpuCodec;
 use kvpack::codec::{Codec, VecFormat};
 
@@ -21,10 +23,24 @@ const PAIRS: &[(&str, &str)] = &[
     ("q8_0", "turbo4"),
 ];
 
-fn run_case(gpu: &kvpack::gpu::Gpu, kf: &str, vf: &str, lens: &[usize], n_q: usize, with_bias: bool) {
-    let shape = AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 64 };
+fn run_case(
+    gpu: &kvpack::gpu::Gpu,
+    kf: &str,
+    vf: &str,
+    lens: &[usize],
+    n_q: usize,
+    with_bias: bool,
+) {
+    let shape = AttentionShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+    };
     let d = shape.head_dim;
-    let ctx = format!("{} K={kf} V={vf} lens={lens:?} n_q={n_q} bias={with_bias}", gpu.backend_name());
+    let ctx = format!(
+        "{} K={kf} V={vf} lens={lens:?} n_q={n_q} bias={with_bias}",
+        gpu.backend_name()
+    );
     let mut rng = Rng::new(lens.iter().sum::<usize>() as u64 * 31 + n_q as u64);
     let total: usize = lens.iter().sum();
     let kc = Codec::with_seed(kf.parse::<VecFormat>().unwrap(), d, 101).unwrap();
@@ -39,7 +55,9 @@ fn run_case(gpu: &kvpack::gpu::Gpu, kf: &str, vf: &str, lens: &[usize], n_q: usi
     let v_enc = vc.encode(&values).unwrap();
     let k_dec = kc.decode(&k_enc);
     let v_dec = vc.decode(&v_enc);
-    let bias_all: Vec<f32> = (0..total).map(|_| (rng.uniform() * 4.0 - 2.0) as f32).collect();
+    let bias_all: Vec<f32> = (0..total)
+        .map(|_| (rng.uniform() * 4.0 - 2.0) as f32)
+        .collect();
     let mut heads = Vec::new();
     let (mut kh, mut vh, mut bh) = (Vec::new(), Vec::new(), Vec::new());
     let mut first = 0;
@@ -61,8 +79,14 @@ fn run_case(gpu: &kvpack::gpu::Gpu, kf: &str, vf: &str, lens: &[usize], n_q: usi
     let bias = gpu.upload("bias", &bias_all);
     let max_len = *lens.iter().max().unwrap();
     let kv = KvPages {
-        k_codec: &kg, v_codec: &vg, k_page: &k_page, v_page: &v_page, capacity: total,
-        heads: &heads, max_len, bias: with_bias.then_some(&bias),
+        k_codec: &kg,
+        v_codec: &vg,
+        k_page: &k_page,
+        v_page: &v_page,
+        capacity: total,
+        heads: &heads,
+        max_len,
+        bias: with_bias.then_some(&bias),
     };
     let qb = gpu.upload("q", &q);
     let out = gpu.zeros::<f32>("out", q.len());
@@ -73,8 +97,15 @@ fn run_case(gpu: &kvpack::gpu::Gpu, kf: &str, vf: &str, lens: &[usize], n_q: usi
     let got = gpu.read_blocking(&out).unwrap();
     for (o, (g, w)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
         let scale = w.iter().map(|x| x.abs()).fold(0.0f32, f32::max).max(1e-6);
-        let err = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(err <= 1e-4 * scale, "{ctx}: output {o}: max error {err:e} relative to {scale}");
+        let err = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            err <= 1e-4 * scale,
+            "{ctx}: output {o}: max error {err:e} relative to {scale}"
+        );
     }
 }
 
@@ -86,7 +117,11 @@ fn compressed_domain_attention_equals_attention_over_decoded_cache() {
             run_case(&gpu, kf, vf, &[130, 77], 3, true);
         }
         // Split-K across workgroups (more than 512 tokens), ragged heads, bias, causal chunk.
-        for (kf, vf) in [("turbo3", "turbo3"), ("f16", "q4_0"), ("turbo3p", "turbo2.5")] {
+        for (kf, vf) in [
+            ("turbo3", "turbo3"),
+            ("f16", "q4_0"),
+            ("turbo3p", "turbo2.5"),
+        ] {
             run_case(&gpu, kf, vf, &[1100, 513], 2, true);
         }
     }

@@ -29,7 +29,12 @@ fn inputs(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
 
 fn half(words: &[u32], k: usize) -> f32 {
     let w = words[k / 2];
-    half::f16::from_bits(if k % 2 == 0 { w as u16 } else { (w >> 16) as u16 }).to_f32()
+    half::f16::from_bits(if k.is_multiple_of(2) {
+        w as u16
+    } else {
+        (w >> 16) as u16
+    })
+    .to_f32()
 }
 
 #[test]
@@ -39,7 +44,15 @@ fn gpu_encode_and_decode_match_cpu_reference() {
         for name in FORMATS {
             let format: VecFormat = name.parse().unwrap();
             let (mut words, mut word_mismatch) = (0usize, 0usize);
-            for (d, n) in [(32, 1), (64, 1), (64, 2), (64, 37), (128, 5), (256, 3), (128, 1500)] {
+            for (d, n) in [
+                (32, 1),
+                (64, 1),
+                (64, 2),
+                (64, 37),
+                (128, 5),
+                (256, 3),
+                (128, 1500),
+            ] {
                 if format.validate_dim(d).is_err() {
                     continue;
                 }
@@ -49,17 +62,23 @@ fn gpu_encode_and_decode_match_cpu_reference() {
                 let gc = GpuCodec::new(&gpu, codec.clone());
                 let xs = inputs(&mut rng, n, d);
                 let cpu = codec.encode(&xs).unwrap_or_else(|e| panic!("{ctx}: {e}"));
-                let gpu_enc = pollster::block_on(gc.encode(&gpu, &xs)).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                let gpu_enc = pollster::block_on(gc.encode(&gpu, &xs))
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
                 assert_eq!(cpu.words.len(), gpu_enc.words.len(), "{ctx}: page size");
                 let code_words = n * format.code_words(d);
                 words += code_words;
-                word_mismatch += (0..code_words).filter(|&w| cpu.words[w] != gpu_enc.words[w]).count();
+                word_mismatch += (0..code_words)
+                    .filter(|&w| cpu.words[w] != gpu_enc.words[w])
+                    .count();
                 // Scales: equal up to one f16 rounding step.
                 let scales = &cpu.words[code_words..];
                 let gscales = &gpu_enc.words[code_words..];
                 for k in 0..n * format.scale_halves(d) {
                     let (a, b) = (half(scales, k), half(gscales, k));
-                    assert!((a - b).abs() <= a.abs() * 1.0e-3 + 1e-7, "{ctx}: scale {k}: cpu {a} gpu {b}");
+                    assert!(
+                        (a - b).abs() <= a.abs() * 1.0e-3 + 1e-7,
+                        "{ctx}: scale {k}: cpu {a} gpu {b}"
+                    );
                 }
                 // Decode of the same bits: GPU within 1e-5 of the CPU, relative to the vector.
                 let dec_cpu = codec.decode(&cpu);
@@ -68,16 +87,30 @@ fn gpu_encode_and_decode_match_cpu_reference() {
                     let c = &dec_cpu[i * d..][..d];
                     let g = &dec_gpu[i * d..][..d];
                     let norm = c.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
-                    let err = c.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-                    assert!(err <= 1e-5 * norm + 1e-30, "{ctx}: vector {i} decodes {err} apart (max {norm})");
+                    let err = c
+                        .iter()
+                        .zip(g)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0f32, f32::max);
+                    assert!(
+                        err <= 1e-5 * norm + 1e-30,
+                        "{ctx}: vector {i} decodes {err} apart (max {norm})"
+                    );
                 }
                 // The zero vector stays zero.
                 if n > 1 {
-                    assert!(dec_gpu[d..2 * d].iter().all(|&x| x == 0.0), "{ctx}: zero vector");
+                    assert!(
+                        dec_gpu[d..2 * d].iter().all(|&x| x == 0.0),
+                        "{ctx}: zero vector"
+                    );
                 }
             }
             let agree = 1.0 - word_mismatch as f64 / words as f64;
-            assert!(agree >= 0.9999, "{backend} {name}: GPU and CPU codes agree on {:.5} of words", agree);
+            assert!(
+                agree >= 0.9999,
+                "{backend} {name}: GPU and CPU codes agree on {:.5} of words",
+                agree
+            );
         }
     }
 }
@@ -99,12 +132,21 @@ fn non_finite_and_overflowing_vectors_are_refused_not_garbled() {
             let (enc, refused) = pollster::block_on(gc.encode_lossy(&gpu, &xs)).unwrap();
             assert_eq!(refused, Some((2, 1)), "{name}");
             let dec = codec.decode(&enc);
-            assert!(dec[d..2 * d].iter().all(|&x| x == 0.0), "{name}: refused vector decodes to zero");
-            assert!(dec[0..d].iter().any(|&x| x != 0.0), "{name}: good vector kept");
+            assert!(
+                dec[d..2 * d].iter().all(|&x| x == 0.0),
+                "{name}: refused vector decodes to zero"
+            );
+            assert!(
+                dec[0..d].iter().any(|&x| x != 0.0),
+                "{name}: good vector kept"
+            );
             assert!(dec.iter().all(|x| x.is_finite()), "{name}: no garbage");
             // The CPU reference refuses the same vectors.
             match codec.encode(&xs) {
-                Err(CodecError::NonFinite { count: 2, first_index: 1 }) => {}
+                Err(CodecError::NonFinite {
+                    count: 2,
+                    first_index: 1,
+                }) => {}
                 other => panic!("{name}: CPU reference gave {other:?}"),
             }
         }
@@ -133,10 +175,20 @@ fn encode_appends_into_a_page_without_touching_neighbours() {
         let status = gpu.upload("status", &[0u32, u32::MAX]);
         for (first, n) in [(0, 3), (3, 1), (4, 1), (5, 3)] {
             let mut b = gpu.batch("append");
-            gc.encode_into(&gpu, &mut b, &kvpack::codec::gpu::EncodeArgs {
-                xs: &input, src_offset: first * d, src_stride: d, n, page: &page,
-                capacity: 8, dst_first: first, status: &status,
-            })
+            gc.encode_into(
+                &gpu,
+                &mut b,
+                &kvpack::codec::gpu::EncodeArgs {
+                    xs: &input,
+                    src_offset: first * d,
+                    src_stride: d,
+                    n,
+                    page: &page,
+                    capacity: 8,
+                    dst_first: first,
+                    status: &status,
+                },
+            )
             .unwrap();
             b.submit();
         }
@@ -144,7 +196,11 @@ fn encode_appends_into_a_page_without_touching_neighbours() {
         let got = codec.decode(&Encoded { n: 8, d, words });
         let want = codec.decode(&whole);
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= 1e-3 * b.abs().max(1e-3), "{}: element {i}: {a} vs {b}", gpu.backend_name());
+            assert!(
+                (a - b).abs() <= 1e-3 * b.abs().max(1e-3),
+                "{}: element {i}: {a} vs {b}",
+                gpu.backend_name()
+            );
         }
     }
 }

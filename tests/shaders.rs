@@ -68,7 +68,11 @@ fn every_shader_file_is_registered() {
         let sub = sub.unwrap().path();
         for f in std::fs::read_dir(&sub).unwrap() {
             let f = f.unwrap().path();
-            let rel = f.strip_prefix(&dir).unwrap().to_string_lossy().replace('\\', "/");
+            let rel = f
+                .strip_prefix(&dir)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
             on_disk.push(rel);
         }
     }
@@ -86,9 +90,12 @@ fn every_kernel_translates_to_all_backends() {
         let src = shader_source(name).unwrap();
         let module = naga::front::wgsl::parse_str(&src)
             .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
-        let info = Validator::new(ValidationFlags::all(), Capabilities::SHADER_FLOAT16_IN_FLOAT32)
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+        let info = Validator::new(
+            ValidationFlags::all(),
+            Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
         let ep = module.entry_points[0].name.clone();
         for consts in variants(name) {
             let mut pc = PipelineConstants::default();
@@ -105,7 +112,10 @@ fn every_kernel_translates_to_all_backends() {
             let ctx = format!("{name} {consts:?}");
             spv::write_vec(&m, &i, &spv::Options::default(), None)
                 .unwrap_or_else(|e| panic!("{ctx}: SPIR-V: {e:?}"));
-            let msl_opts = msl::Options { lang_version: (2, 4), ..Default::default() };
+            let msl_opts = msl::Options {
+                lang_version: (2, 4),
+                ..Default::default()
+            };
             msl::write_string(&m, &i, &msl_opts, &msl::PipelineOptions::default())
                 .unwrap_or_else(|e| panic!("{ctx}: MSL: {e:?}"));
             let mut hlsl_out = String::new();

@@ -226,7 +226,9 @@ pub fn reference_attention(
             let o = &mut out[(qi * shape.n_heads + hq) * d..][..d];
             if l > 0.0 {
                 for (j, oj) in o.iter_mut().enumerate() {
-                    let acc: f64 = (0..visible).map(|t| w[t] * values[h][t * d + j] as f64).sum();
+                    let acc: f64 = (0..visible)
+                        .map(|t| w[t] * values[h][t * d + j] as f64)
+                        .sum();
                     *oj = (acc / l) as f32;
                 }
             }

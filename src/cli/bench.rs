@@ -22,7 +22,11 @@ pub enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384,32768")]
         contexts: Vec<usize>,
         /// Formats (K and V both).
-        #[arg(long, value_delimiter = ',', default_value = "f32,f16,q8_0,q4_0,turbo4,turbo3,turbo2")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "f32,f16,q8_0,q4_0,turbo4,turbo3,turbo2"
+        )]
         formats: Vec<String>,
         /// Timed repetitions per figure (the median is reported).
         #[arg(long, default_value_t = 7)]
@@ -45,9 +49,12 @@ struct Row {
 
 pub fn run(gpu_args: &GpuArgs, cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Kernels { contexts, formats, reps, json } => {
-            kernels(gpu_args, &contexts, &formats, reps, json)
-        }
+        BenchCommand::Kernels {
+            contexts,
+            formats,
+            reps,
+            json,
+        } => kernels(gpu_args, &contexts, &formats, reps, json),
     }
 }
 
@@ -82,20 +89,37 @@ fn copy_gbps(gpu: &Gpu, reps: usize) -> Result<f64> {
     let kernel = gpu.pipeline("gpu/copy", "main", &[], &[Binding::READ, Binding::RW])?;
     let ms = median_ms(gpu, reps, || {
         let mut b = gpu.batch("copy");
-        b.dispatch(&kernel, &[src.buffer(), dst.buffer()], grid((words / 4 / 256) as u32));
+        b.dispatch(
+            &kernel,
+            &[src.buffer(), dst.buffer()],
+            grid((words / 4 / 256) as u32),
+        );
         b.submit();
         Ok(())
     })?;
     Ok(2.0 * (words * 4) as f64 / (ms * 1e6))
 }
 
-fn kernels(gpu_args: &GpuArgs, contexts: &[usize], formats: &[String], reps: usize, json: bool) -> Result<()> {
+fn kernels(
+    gpu_args: &GpuArgs,
+    contexts: &[usize],
+    formats: &[String],
+    reps: usize,
+    json: bool,
+) -> Result<()> {
     if reps == 0 {
         bail!("--reps must be at least 1");
     }
-    let formats: Vec<VecFormat> = formats.iter().map(|f| f.parse()).collect::<Result<_, _>>()?;
+    let formats: Vec<VecFormat> = formats
+        .iter()
+        .map(|f| f.parse())
+        .collect::<Result<_, _>>()?;
     let gpu = gpu_args.open()?;
-    let shape = AttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
+    let shape = AttentionShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
     let d = shape.head_dim;
     let copy = copy_gbps(&gpu, reps)?;
     let mut rng = SplitMix64::new(1);
@@ -110,24 +134,45 @@ fn kernels(gpu_args: &GpuArgs, contexts: &[usize], formats: &[String], reps: usi
         let page = gpu.zeros::<u32>("page", page_words(f, d, n_enc));
         let ms = median_ms(&gpu, reps, || {
             let mut b = gpu.batch("encode");
-            codec.encode_into(&gpu, &mut b, &EncodeArgs {
-                xs: &xs, src_offset: 0, src_stride: d, n: n_enc, page: &page,
-                capacity: n_enc, dst_first: 0, status: &status,
-            })?;
+            codec.encode_into(
+                &gpu,
+                &mut b,
+                &EncodeArgs {
+                    xs: &xs,
+                    src_offset: 0,
+                    src_stride: d,
+                    n: n_enc,
+                    page: &page,
+                    capacity: n_enc,
+                    dst_first: 0,
+                    status: &status,
+                },
+            )?;
             b.submit();
             Ok(())
         })?;
-        rows.push(Row { kernel: "encode".into(), format: f.name(), context: n_enc, ms,
-            gbps: (n_enc * d * 4) as f64 / (ms * 1e6), ratio_vs_f16: None });
+        rows.push(Row {
+            kernel: "encode".into(),
+            format: f.name(),
+            context: n_enc,
+            ms,
+            gbps: (n_enc * d * 4) as f64 / (ms * 1e6),
+            ratio_vs_f16: None,
+        });
     }
 
     // Decode attention over compressed K and V.
     let max_ctx = contexts.iter().copied().max().unwrap_or(0);
-    let kv_in = gpu.upload("bench kv", &random(&mut rng, shape.n_kv_heads * max_ctx * d));
+    let kv_in = gpu.upload(
+        "bench kv",
+        &random(&mut rng, shape.n_kv_heads * max_ctx * d),
+    );
     let q = gpu.upload("q", &random(&mut rng, shape.n_heads * d));
     let out = gpu.zeros::<f32>("out", shape.n_heads * d);
     for &ctx in contexts {
-        let heads: Vec<u32> = (0..shape.n_kv_heads).flat_map(|h| [(h * ctx) as u32, ctx as u32]).collect();
+        let heads: Vec<u32> = (0..shape.n_kv_heads)
+            .flat_map(|h| [(h * ctx) as u32, ctx as u32])
+            .collect();
         let heads = gpu.upload("heads", &heads);
         let scratch = AttentionScratch::new(&gpu, shape, 1, ctx);
         let n = shape.n_kv_heads * ctx;
@@ -138,12 +183,32 @@ fn kernels(gpu_args: &GpuArgs, contexts: &[usize], formats: &[String], reps: usi
             let vp = gpu.zeros::<u32>("v page", page_words(f, d, n));
             let mut b = gpu.batch("fill");
             for (c, p) in [(&kc, &kp), (&vc, &vp)] {
-                c.encode_into(&gpu, &mut b, &EncodeArgs { xs: &kv_in, src_offset: 0, src_stride: d, n,
-                    page: p, capacity: n, dst_first: 0, status: &status })?;
+                c.encode_into(
+                    &gpu,
+                    &mut b,
+                    &EncodeArgs {
+                        xs: &kv_in,
+                        src_offset: 0,
+                        src_stride: d,
+                        n,
+                        page: p,
+                        capacity: n,
+                        dst_first: 0,
+                        status: &status,
+                    },
+                )?;
             }
             b.submit();
-            let kv = KvPages { k_codec: &kc, v_codec: &vc, k_page: &kp, v_page: &vp, capacity: n,
-                heads: &heads, max_len: ctx, bias: None };
+            let kv = KvPages {
+                k_codec: &kc,
+                v_codec: &vc,
+                k_page: &kp,
+                v_page: &vp,
+                capacity: n,
+                heads: &heads,
+                max_len: ctx,
+                bias: None,
+            };
             let ms = median_ms(&gpu, reps, || {
                 let mut b = gpu.batch("attention");
                 decode_attention_into(&gpu, &mut b, shape, &kv, &q, 1, &scratch, &out)?;
@@ -151,14 +216,23 @@ fn kernels(gpu_args: &GpuArgs, contexts: &[usize], formats: &[String], reps: usi
                 Ok(())
             })?;
             let bytes = 2.0 * (kp.bytes() as f64);
-            rows.push(Row { kernel: "decode_attention".into(), format: f.name(), context: ctx, ms,
-                gbps: bytes / (ms * 1e6), ratio_vs_f16: None });
+            rows.push(Row {
+                kernel: "decode_attention".into(),
+                format: f.name(),
+                context: ctx,
+                ms,
+                gbps: bytes / (ms * 1e6),
+                ratio_vs_f16: None,
+            });
         }
     }
     // ratio_vs_f16 = f16's time / this time (above 1: faster than f16).
     let snapshot = rows.clone();
     for r in rows.iter_mut() {
-        if let Some(f16) = snapshot.iter().find(|s| s.kernel == r.kernel && s.context == r.context && s.format == "f16") {
+        if let Some(f16) = snapshot
+            .iter()
+            .find(|s| s.kernel == r.kernel && s.context == r.context && s.format == "f16")
+        {
             r.ratio_vs_f16 = Some(f16.ms / r.ms);
         }
     }
@@ -167,12 +241,27 @@ fn kernels(gpu_args: &GpuArgs, contexts: &[usize], formats: &[String], reps: usi
             "timing": "wall-clock median", "copy_gbps": copy, "rows": rows });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("kvpack kernels on {} ({}); wall-clock median of {reps}", gpu.report().name, gpu.backend_name());
+        println!(
+            "kvpack kernels on {} ({}); wall-clock median of {reps}",
+            gpu.report().name,
+            gpu.backend_name()
+        );
         println!("buffer copy bandwidth: {copy:.2} GB/s");
-        println!("{:<17} {:<8} {:>8} {:>10} {:>9} {:>10} {:>12}", "kernel", "format", "context", "ms", "GB/s", "vs copy", "f16 time/this");
+        println!(
+            "{:<17} {:<8} {:>8} {:>10} {:>9} {:>10} {:>12}",
+            "kernel", "format", "context", "ms", "GB/s", "vs copy", "f16 time/this"
+        );
         for r in &rows {
-            println!("{:<17} {:<8} {:>8} {:>10.3} {:>9.2} {:>9.1}% {:>12}", r.kernel, r.format, r.context, r.ms, r.gbps,
-                100.0 * r.gbps / copy, r.ratio_vs_f16.map_or("-".into(), |x| format!("{x:.2}x")));
+            println!(
+                "{:<17} {:<8} {:>8} {:>10.3} {:>9.2} {:>9.1}% {:>12}",
+                r.kernel,
+                r.format,
+                r.context,
+                r.ms,
+                r.gbps,
+                100.0 * r.gbps / copy,
+                r.ratio_vs_f16.map_or("-".into(), |x| format!("{x:.2}x"))
+            );
         }
     }
     Ok(())

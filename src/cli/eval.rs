@@ -56,9 +56,14 @@ const PAPER_D_PROD: [f64; 4] = [1.571, 0.571, 0.185, 0.054];
 
 pub fn run(gpu_args: &GpuArgs, cmd: EvalCommand) -> Result<()> {
     match cmd {
-        EvalCommand::Distortion { dim, bits, vectors, queries, seed, json } => {
-            distortion(gpu_args, &dim, &bits, vectors, queries, seed, json)
-        }
+        EvalCommand::Distortion {
+            dim,
+            bits,
+            vectors,
+            queries,
+            seed,
+            json,
+        } => distortion(gpu_args, &dim, &bits, vectors, queries, seed, json),
     }
 }
 
@@ -103,8 +108,20 @@ fn distortion(
         let mut formats = Vec::new();
         for &b in bits {
             formats.push((VecFormat::turbo(b), b as f64));
-            formats.push((VecFormat::Turbo { bits: b, scale: ScaleMode::Unbiased }, b as f64));
-            formats.push((VecFormat::Turbo { bits: b, scale: ScaleMode::Norm }, b as f64));
+            formats.push((
+                VecFormat::Turbo {
+                    bits: b,
+                    scale: ScaleMode::Unbiased,
+                },
+                b as f64,
+            ));
+            formats.push((
+                VecFormat::Turbo {
+                    bits: b,
+                    scale: ScaleMode::Norm,
+                },
+                b as f64,
+            ));
             formats.push((VecFormat::TurboProd { bits: b }, b as f64));
         }
         formats.push((VecFormat::Q8_0, 8.0));
@@ -121,15 +138,39 @@ fn distortion(
             "vectors": n, "queries": queries, "rows": rows });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("TurboQuant distortion on {} ({}), {n} unit vectors × {queries} queries",
-            gpu.report().name, gpu.backend_name());
-        println!("{:<10} {:>4} {:>6} {:>9} {:>9} {:>9} {:>11} {:>10} {:>9} {:>8}",
-            "format", "dim", "bits/v", "D_mse", "paper", "exact-d", "d·D_prod", "paper", "ip_bias", "4^-b");
+        println!(
+            "TurboQuant distortion on {} ({}), {n} unit vectors × {queries} queries",
+            gpu.report().name,
+            gpu.backend_name()
+        );
+        println!(
+            "{:<10} {:>4} {:>6} {:>9} {:>9} {:>9} {:>11} {:>10} {:>9} {:>8}",
+            "format",
+            "dim",
+            "bits/v",
+            "D_mse",
+            "paper",
+            "exact-d",
+            "d·D_prod",
+            "paper",
+            "ip_bias",
+            "4^-b"
+        );
         for r in &rows {
             let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
-            println!("{:<10} {:>4} {:>6.3} {:>9.4} {:>9} {:>9} {:>11.4} {:>10} {:>+8.2}% {:>8.4}",
-                r.format, r.dim, r.bits_per_value, r.d_mse, f(r.paper_d_mse), f(r.exact_d_mse),
-                r.d_prod_times_dim, f(r.paper_d_prod_times_dim), r.ip_bias * 100.0, r.shannon_bound);
+            println!(
+                "{:<10} {:>4} {:>6.3} {:>9.4} {:>9} {:>9} {:>11.4} {:>10} {:>+8.2}% {:>8.4}",
+                r.format,
+                r.dim,
+                r.bits_per_value,
+                r.d_mse,
+                f(r.paper_d_mse),
+                f(r.exact_d_mse),
+                r.d_prod_times_dim,
+                f(r.paper_d_prod_times_dim),
+                r.ip_bias * 100.0,
+                r.shannon_bound
+            );
         }
     }
     Ok(())
@@ -150,7 +191,11 @@ fn measure(
     for i in 0..n {
         let u = &xs[i * d..][..d];
         let v = &dec[i * d..][..d];
-        mse += u.iter().zip(v).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>();
+        mse += u
+            .iter()
+            .zip(v)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum::<f64>();
         for k in 0..queries {
             let q = &qs[(i * queries + k) * d..][..d];
             let a: f64 = q.iter().zip(u).map(|(x, y)| *x as f64 * *y as f64).sum();
@@ -162,7 +207,10 @@ fn measure(
     }
     let m = (n * queries) as f64;
     let (paper_d_mse, exact_d_mse, paper_d_prod) = match format {
-        VecFormat::Turbo { bits, scale: ScaleMode::Paper } => (
+        VecFormat::Turbo {
+            bits,
+            scale: ScaleMode::Paper,
+        } => (
             Some(PAPER_D_MSE[bits as usize - 1]),
             Some(expected_mse(d, bits)),
             None,

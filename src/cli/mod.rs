@@ -99,7 +99,9 @@ fn info(args: &GpuArgs, json: bool) -> Result<()> {
         };
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "adapters": found, "chosen": chosen }))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "adapters": found, "chosen": chosen })
+            )?
         );
     } else {
         println!("adapters found ({}):", adapters.len());
@@ -115,7 +117,10 @@ fn info(args: &GpuArgs, json: bool) -> Result<()> {
                 println!("  max binding:          {} MiB", r.max_binding_bytes >> 20);
                 println!("  max buffer:           {} MiB", r.max_buffer_bytes >> 20);
                 println!("  invocations/wg:       {}", r.max_invocations);
-                println!("  workgroup memory:     {} KiB", r.max_workgroup_bytes >> 10);
+                println!(
+                    "  workgroup memory:     {} KiB",
+                    r.max_workgroup_bytes >> 10
+                );
                 println!("  storage buffers:      {}", r.max_storage_buffers);
                 println!("  timestamp queries:    {}", r.timestamps);
             }

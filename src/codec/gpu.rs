@@ -17,10 +17,7 @@ pub enum GpuCodecError {
 
 /// Override constants that specialize the format-reading WGSL (`common/format.wgsl`) for a format.
 /// Prefix `""` gives `FMT_KIND`…, prefix `"K_"` gives `K_KIND`… (attention's key format).
-pub fn format_constants(
-    prefix: &'static str,
-    format: &VecFormat,
-) -> [(&'static str, f64); 3] {
+pub fn format_constants(prefix: &'static str, format: &VecFormat) -> [(&'static str, f64); 3] {
     let (a, b) = match *format {
         VecFormat::Turbo { bits, .. } => (bits as u32, 0),
         VecFormat::TurboProd { bits } => (bits as u32 - 1, 0),
@@ -29,9 +26,17 @@ pub fn format_constants(
     };
     let kind = format.kind() as f64;
     if prefix == "K_" {
-        [("K_KIND", kind), ("K_BITS_A", a as f64), ("K_BITS_B", b as f64)]
+        [
+            ("K_KIND", kind),
+            ("K_BITS_A", a as f64),
+            ("K_BITS_B", b as f64),
+        ]
     } else {
-        [("FMT_KIND", kind), ("FMT_BITS_A", a as f64), ("FMT_BITS_B", b as f64)]
+        [
+            ("FMT_KIND", kind),
+            ("FMT_BITS_A", a as f64),
+            ("FMT_BITS_B", b as f64),
+        ]
     }
 }
 
@@ -124,7 +129,12 @@ impl GpuCodec {
     }
 
     /// Record an encode into `batch`.
-    pub fn encode_into(&self, gpu: &Gpu, batch: &mut Batch<'_>, a: &EncodeArgs<'_>) -> Result<(), GpuError> {
+    pub fn encode_into(
+        &self,
+        gpu: &Gpu,
+        batch: &mut Batch<'_>,
+        a: &EncodeArgs<'_>,
+    ) -> Result<(), GpuError> {
         if a.n == 0 {
             return Ok(());
         }
@@ -133,7 +143,13 @@ impl GpuCodec {
             "codec/encode",
             "main",
             &self.constants(self.wg()),
-            &[Binding::Uniform, Binding::READ, Binding::RW, Binding::READ, Binding::RW],
+            &[
+                Binding::Uniform,
+                Binding::READ,
+                Binding::RW,
+                Binding::READ,
+                Binding::RW,
+            ],
         )?;
         let params = EncodeParams {
             n: a.n as u32,
@@ -148,13 +164,20 @@ impl GpuCodec {
         let last_pair = (a.dst_first + a.n - 1) / 2;
         batch.dispatch(
             &kernel,
-            &[&ub, a.xs.buffer(), a.page.buffer(), self.aux.buffer(), a.status.buffer()],
+            &[
+                &ub,
+                a.xs.buffer(),
+                a.page.buffer(),
+                self.aux.buffer(),
+                a.status.buffer(),
+            ],
             grid((last_pair - first_pair + 1) as u32),
         );
         Ok(())
     }
 
     /// Record a decode of page vectors `[first, first + n)` into `out` (n × d floats).
+    #[allow(clippy::too_many_arguments)]
     pub fn decode_into(
         &self,
         gpu: &Gpu,
@@ -208,7 +231,7 @@ impl GpuCodec {
         xs: &[f32],
     ) -> Result<(Encoded, Option<(usize, usize)>), GpuCodecError> {
         let d = self.d();
-        if xs.len() % d != 0 {
+        if !xs.len().is_multiple_of(d) {
             return Err(CodecError::LengthMismatch {
                 what: format!("input vectors (a multiple of d = {d} floats)"),
                 got: xs.len(),

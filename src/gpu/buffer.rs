@@ -31,9 +31,15 @@ impl<T: bytemuck::Pod> GpuVec<T> {
     }
     /// Overwrite the contents from `data` (same length or shorter, from element 0).
     pub fn write(&self, gpu: &Gpu, data: &[T]) {
-        assert!(data.len() <= self.len, "write of {} elements into {}", data.len(), self.len);
+        assert!(
+            data.len() <= self.len,
+            "write of {} elements into {}",
+            data.len(),
+            self.len
+        );
         if !data.is_empty() {
-            gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+            gpu.queue
+                .write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
         }
     }
 }
@@ -108,7 +114,9 @@ impl Gpu {
         });
         let mut enc = self
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
         enc.copy_buffer_to_buffer(&v.buffer, 0, &staging, 0, Some(size));
         self.queue.submit([enc.finish()]);
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -93,7 +93,9 @@ pub enum BackendChoice {
 impl BackendChoice {
     fn backends(self) -> wgpu::Backends {
         match self {
-            BackendChoice::Auto => wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all()),
+            // Native APIs first; OpenGL only as a fallback (see `Gpu::new`).
+            BackendChoice::Auto => wgpu::Backends::from_env()
+                .unwrap_or(wgpu::Backends::PRIMARY | wgpu::Backends::BROWSER_WEBGPU),
             BackendChoice::Vulkan => wgpu::Backends::VULKAN,
             BackendChoice::Gl => wgpu::Backends::GL,
             BackendChoice::Metal => wgpu::Backends::METAL,
@@ -277,11 +279,16 @@ pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
     )
 }
 
-/// All adapters wgpu finds for a backend choice (native only; the browser has one).
+/// All adapters wgpu finds for a backend choice (`Auto` lists OpenGL too).
 pub async fn list_adapters(backend: BackendChoice) -> Vec<wgpu::AdapterInfo> {
-    let instance = make_instance(backend);
-    instance
-        .enumerate_adapters(backend.backends())
+    let backends = match backend {
+        BackendChoice::Auto => backend.backends() | wgpu::Backends::GL,
+        other => other.backends(),
+    };
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+        .enumerate_adapters(backends)
         .await
         .into_iter()
         .map(|a| a.get_info())
@@ -364,6 +371,22 @@ impl LimitsExt for wgpu::Limits {
 impl Gpu {
     /// Open an adapter and device as the options say.
     pub async fn new(opts: &GpuOptions) -> Result<Gpu, GpuError> {
+        match Self::open(opts).await {
+            Err(GpuError::NoAdapter { .. })
+                if opts.backend == BackendChoice::Auto && wgpu::Backends::from_env().is_none() =>
+            {
+                log::info!("no Vulkan/Metal/DX12 adapter; trying OpenGL");
+                let gl = GpuOptions {
+                    backend: BackendChoice::Gl,
+                    ..opts.clone()
+                };
+                Self::open(&gl).await
+            }
+            other => other,
+        }
+    }
+
+    async fn open(opts: &GpuOptions) -> Result<Gpu, GpuError> {
         let instance = make_instance(opts.backend);
         let power_preference = match opts.power {
             Power::Default => wgpu::PowerPreference::from_env().unwrap_or_default(),
@@ -412,7 +435,9 @@ impl Gpu {
             name: info.name.clone(),
             backend: format!("{:?}", info.backend).to_lowercase(),
             device_type: format!("{:?}", info.device_type),
-            driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+            driver: format!("{} {}", info.driver, info.driver_info)
+                .trim()
+                .to_string(),
             timestamps,
             webgpu_limits: opts.webgpu_limits,
             max_binding_bytes: limits.max_storage_buffer_binding_size as u64,
@@ -609,7 +634,12 @@ pub struct Batch<'a> {
 
 impl Batch<'_> {
     /// Record one dispatch; `buffers` are bound at bindings 0, 1, … of group 0.
-    pub fn dispatch(&mut self, kernel: &Arc<Kernel>, buffers: &[&wgpu::Buffer], workgroups: [u32; 3]) {
+    pub fn dispatch(
+        &mut self,
+        kernel: &Arc<Kernel>,
+        buffers: &[&wgpu::Buffer],
+        workgroups: [u32; 3],
+    ) {
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
             .enumerate()
@@ -618,16 +648,26 @@ impl Batch<'_> {
                 resource: b.as_entire_binding(),
             })
             .collect();
-        let bind_group = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&kernel.name),
-            layout: &kernel.layout,
-            entries: &entries,
-        });
+        let bind_group = self
+            .gpu
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&kernel.name),
+                layout: &kernel.layout,
+                entries: &entries,
+            });
         self.pending.push((kernel.clone(), bind_group, workgroups));
     }
 
     /// Record a buffer-to-buffer copy (flushes the dispatches recorded so far first).
-    pub fn copy(&mut self, src: &wgpu::Buffer, src_offset: u64, dst: &wgpu::Buffer, dst_offset: u64, bytes: u64) {
+    pub fn copy(
+        &mut self,
+        src: &wgpu::Buffer,
+        src_offset: u64,
+        dst: &wgpu::Buffer,
+        dst_offset: u64,
+        bytes: u64,
+    ) {
         self.flush_pass();
         self.encoder
             .copy_buffer_to_buffer(src, src_offset, dst, dst_offset, Some(bytes));
@@ -681,7 +721,9 @@ pub fn grid(n: u32) -> [u32; 3] {
     }
 }
 
-fn block_on_scope<F: std::future::Future<Output = Option<wgpu::Error>>>(f: F) -> Option<wgpu::Error> {
+fn block_on_scope<F: std::future::Future<Output = Option<wgpu::Error>>>(
+    f: F,
+) -> Option<wgpu::Error> {
     // Error scopes resolve immediately on native backends; in the browser the future is pending
     // until the next task, so errors surface there through the uncaptured-error handler instead.
     #[cfg(not(target_arch = "wasm32"))]

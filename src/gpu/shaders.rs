@@ -58,9 +58,8 @@ fn expand(path: &str, src: &str, out: &mut String, seen: &mut Vec<String>) -> Re
                 continue;
             }
             seen.push(inc.to_string());
-            let inc_src = raw(inc).ok_or_else(|| {
-                GpuError::UnknownShader(format!("{inc} (included from {path})"))
-            })?;
+            let inc_src = raw(inc)
+                .ok_or_else(|| GpuError::UnknownShader(format!("{inc} (included from {path})")))?;
             expand(inc, inc_src, out, seen)?;
         } else {
             out.push_str(line);

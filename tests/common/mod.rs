@@ -12,7 +12,11 @@ pub fn gpus() -> Vec<Gpu> {
         .filter(|s| !s.trim().is_empty())
         .map(|name| {
             let backend: BackendChoice = name.trim().parse().expect("KVPACK_TEST_BACKENDS");
-            let opts = GpuOptions { backend, webgpu_limits: true, ..Default::default() };
+            let opts = GpuOptions {
+                backend,
+                webgpu_limits: true,
+                ..Default::default()
+            };
             Gpu::new_blocking(&opts).unwrap_or_else(|e| {
                 panic!(
                     "GPU test needs a `{name}` adapter and found none: {e}\n\
