@@ -78,25 +78,37 @@ fn k_scale(i: u32, h: u32) -> f32 {
 }
 
 // Σ_j qk[qoff + j]·kcb[cboff + code_j] over `count` b-bit codes starting at word `wbase`
-// (count a multiple of 32: each group of 32 codes fills exactly b words).
+// (count a multiple of 32: each group of 32 codes fills exactly b words). Shifts only by
+// amounts that are the same in every invocation, and no dynamic vector indexing: both are slow
+// on SIMD-over-invocations drivers such as lavapipe.
 fn turbo_dot(wbase: u32, count: u32, b: u32, qoff: u32, cboff: u32) -> f32 {
     var acc = 0.0;
     let mask = (1u << b) - 1u;
-    for (var g = 0u; g < count / 32u; g++) {
-        let wb = wbase + g * b;
-        var w = vec4<u32>(k_page[wb], 0u, 0u, 0u);
-        if (b > 1u) { w.y = k_page[wb + 1u]; }
-        if (b > 2u) { w.z = k_page[wb + 2u]; }
-        if (b > 3u) { w.w = k_page[wb + 3u]; }
-        for (var t = 0u; t < 32u; t++) {
-            let bit = t * b;
-            let wi = bit / 32u;
-            let sh = bit % 32u;
-            var v = w[wi] >> sh;
-            if (sh + b > 32u) {
-                v = v | (w[wi + 1u] << (32u - sh));
+    if (b == 3u) {
+        // 32 codes in 3 words: codes 0-9 in w0, 10 straddles w0/w1, 11-20 in w1, 21 straddles
+        // w1/w2, 22-31 in w2.
+        for (var g = 0u; g < count / 32u; g++) {
+            let wb = wbase + 3u * g;
+            let w0 = k_page[wb];
+            let w1 = k_page[wb + 1u];
+            let w2 = k_page[wb + 2u];
+            let q0 = qoff + 32u * g;
+            for (var t = 0u; t < 10u; t++) {
+                acc += qk[q0 + t] * kcb[cboff + ((w0 >> (3u * t)) & 7u)];
+                acc += qk[q0 + 11u + t] * kcb[cboff + ((w1 >> (3u * t + 1u)) & 7u)];
+                acc += qk[q0 + 22u + t] * kcb[cboff + ((w2 >> (3u * t + 2u)) & 7u)];
             }
-            acc += qk[qoff + g * 32u + t] * kcb[cboff + (v & mask)];
+            acc += qk[q0 + 10u] * kcb[cboff + ((w0 >> 30u) | ((w1 & 1u) << 2u))];
+            acc += qk[q0 + 21u] * kcb[cboff + ((w1 >> 31u) | ((w2 & 3u) << 1u))];
+        }
+        return acc;
+    }
+    let per_word = 32u / b;
+    for (var w = 0u; w < count * b / 32u; w++) {
+        let word = k_page[wbase + w];
+        let q0 = qoff + w * per_word;
+        for (var t = 0u; t < per_word; t++) {
+            acc += qk[q0 + t] * kcb[cboff + ((word >> (t * b)) & mask)];
         }
     }
     return acc;
@@ -246,6 +258,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
     let end = min(visible, start + params.split_len);
 
     prepare_query((qi * params.n_heads + hq) * D, lid);
+    fmt_prepare(lid, WG);
 
     let groups = WG / D;
     let r = lid / D;

@@ -26,6 +26,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
         return;
     }
     fmt_scale_base = params.scale_base;
+    fmt_prepare(lid, WG);
     let i = params.first + v;
     for (var j = lid; j < D; j += WG) {
         tw[j] = fmt_value(i, j);

@@ -16,6 +16,23 @@ override FMT_BITS_A: u32 = 0u;
 override FMT_BITS_B: u32 = 0u;
 
 var<private> fmt_scale_base: u32;
+// The format's codebooks (part a at 0, part b at 16), cached by fmt_prepare.
+var<workgroup> fcb: array<f32, 32>;
+
+// Cache the codebooks in workgroup memory. Every invocation must call it before fmt_value.
+fn fmt_prepare(lid: u32, wg: u32) {
+    if (FMT_KIND >= 4u) {
+        for (var c = lid; c < 16u; c += wg) {
+            if (FMT_BITS_A > 0u && c < (1u << FMT_BITS_A)) {
+                fcb[c] = fmt_aux_f32(fmt_aux[AUX_CB_A] + c);
+            }
+            if (FMT_KIND == 6u && c < (1u << FMT_BITS_B)) {
+                fcb[16u + c] = fmt_aux_f32(fmt_aux[AUX_CB_B] + c);
+            }
+        }
+    }
+    workgroupBarrier();
+}
 
 const AUX_SIGNS_A: u32 = 5u;
 const AUX_CB_A: u32 = 6u;
@@ -86,23 +103,23 @@ fn fmt_value(i: u32, j: u32) -> f32 {
         }
         case 4u: {
             let c = fmt_code(i, j * FMT_BITS_A, FMT_BITS_A);
-            return fmt_scale(i, 0u) * fmt_aux_f32(fmt_aux[AUX_CB_A] + c);
+            return fmt_scale(i, 0u) * fcb[c];
         }
         case 5u: {
             if (FMT_BITS_A == 0u) {
                 return 0.0;
             }
             let c = fmt_code(i, j * FMT_BITS_A, FMT_BITS_A);
-            return fmt_scale(i, 0u) * fmt_aux_f32(fmt_aux[AUX_CB_A] + c);
+            return fmt_scale(i, 0u) * fcb[c];
         }
         case 6u: {
             let half_d = D / 2u;
             if (j < half_d) {
                 let c = fmt_code(i, j * FMT_BITS_A, FMT_BITS_A);
-                return fmt_scale(i, 0u) * fmt_aux_f32(fmt_aux[AUX_CB_A] + c);
+                return fmt_scale(i, 0u) * fcb[c];
             }
             let c = fmt_code(i, half_d * FMT_BITS_A + (j - half_d) * FMT_BITS_B, FMT_BITS_B);
-            return fmt_scale(i, 1u) * fmt_aux_f32(fmt_aux[AUX_CB_B] + c);
+            return fmt_scale(i, 1u) * fcb[16u + c];
         }
         default: {
             return 0.0;
