@@ -27,6 +27,10 @@ for t in "${TARGETS[@]}"; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"
 done
 
+# The default model, for the tests that read the real GGUF (tokenizer vectors).
+echo "== fetching the default model (once)"
+scripts/fetch-model.sh
+
 export KVPACK_TEST_BACKENDS="${KVPACK_TEST_BACKENDS:-vulkan,gl}"
 # Mesa's EGL warns about a missing runtime dir on headless machines; give it one.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
