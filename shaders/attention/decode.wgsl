@@ -51,25 +51,11 @@ fn k_aux_f32(k: u32) -> f32 {
 }
 
 fn k_code_words() -> u32 {
-    switch K_KIND {
-        case 0u: { return D; }
-        case 1u: { return D / 2u; }
-        case 2u: { return D / 4u; }
-        case 3u: { return D / 8u; }
-        case 4u: { return K_BITS_A * D / 32u; }
-        case 5u: { return K_BITS_A * D / 32u + D / 32u; }
-        case 6u: { return (K_BITS_A + K_BITS_B) * D / 64u; }
-        default: { return D; }
-    }
+    return code_words_of(K_KIND, K_BITS_A, K_BITS_B);
 }
 
 fn k_scale_halves() -> u32 {
-    switch K_KIND {
-        case 2u, 3u: { return D / 32u; }
-        case 4u: { return 1u; }
-        case 5u, 6u: { return 2u; }
-        default: { return 0u; }
-    }
+    return scale_halves_of(K_KIND);
 }
 
 fn k_scale(i: u32, h: u32) -> f32 {

@@ -45,26 +45,36 @@ fn fmt_aux_f32(k: u32) -> f32 {
     return bitcast<f32>(fmt_aux[k]);
 }
 
-fn fmt_code_words() -> u32 {
-    switch FMT_KIND {
+// u32 code words per vector of a format (kind, bits of part a, bits of part b).
+fn code_words_of(kind: u32, bits_a: u32, bits_b: u32) -> u32 {
+    switch kind {
         case 0u: { return D; }
         case 1u: { return D / 2u; }
         case 2u: { return D / 4u; }
         case 3u: { return D / 8u; }
-        case 4u: { return FMT_BITS_A * D / 32u; }
-        case 5u: { return FMT_BITS_A * D / 32u + D / 32u; }
-        case 6u: { return (FMT_BITS_A + FMT_BITS_B) * D / 64u; }
+        case 4u: { return bits_a * D / 32u; }
+        case 5u: { return bits_a * D / 32u + D / 32u; }
+        case 6u: { return (bits_a + bits_b) * D / 64u; }
         default: { return D; }
     }
 }
 
-fn fmt_scale_halves() -> u32 {
-    switch FMT_KIND {
+// f16 scales per vector of a format kind.
+fn scale_halves_of(kind: u32) -> u32 {
+    switch kind {
         case 2u, 3u: { return D / 32u; }
         case 4u: { return 1u; }
         case 5u, 6u: { return 2u; }
         default: { return 0u; }
     }
+}
+
+fn fmt_code_words() -> u32 {
+    return code_words_of(FMT_KIND, FMT_BITS_A, FMT_BITS_B);
+}
+
+fn fmt_scale_halves() -> u32 {
+    return scale_halves_of(FMT_KIND);
 }
 
 // Scale h of vector i.
