@@ -9,7 +9,7 @@ SUDO=""
 if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 need_apt=()
 # Vulkan through lavapipe when no Vulkan driver is installed.
-if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1; then
+if ! compgen -G "/usr/share/vulkan/icd.d/*.json" >/dev/null && ! compgen -G "/etc/vulkan/icd.d/*.json" >/dev/null; then
   need_apt+=(mesa-vulkan-drivers libvulkan1)
 fi
 # OpenGL through llvmpipe (EGL, surfaceless).

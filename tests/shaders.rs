@@ -24,7 +24,41 @@ const FORMATS: &[(u32, u32, u32)] = &[
     (6, 4, 3),
 ];
 
+/// GGML weight types the model kernels read: F32, F16, Q4_0, Q4_1, Q8_0.
+const WEIGHT_TYPES: &[f64] = &[0.0, 1.0, 2.0, 3.0, 8.0];
+
+/// Specializations of the model kernels (`shaders/model/`), or `None` for other kernels.
+fn model_variants(name: &str) -> Option<Vec<Vec<(&'static str, f64)>>> {
+    let mut out = Vec::new();
+    match name {
+        "model/matmul" => {
+            for &t in WEIGHT_TYPES {
+                for (lanes, toks, acc) in [(8.0, 1.0, 0.0), (32.0, 8.0, 1.0), (4.0, 4.0, 0.0)] {
+                    out.push(vec![
+                        ("WTYPE", t),
+                        ("WG", 64.0),
+                        ("LANES", lanes),
+                        ("TOKS", toks),
+                        ("ACCUMULATE", acc),
+                    ]);
+                }
+            }
+        }
+        "model/embed" => {
+            for &t in WEIGHT_TYPES {
+                out.push(vec![("WTYPE", t), ("WG", 64.0)]);
+            }
+        }
+        n if n.starts_with("model/") => out.push(vec![("WG", 256.0)]),
+        _ => return None,
+    }
+    Some(out)
+}
+
 fn variants(name: &str) -> Vec<Vec<(&'static str, f64)>> {
+    if let Some(v) = model_variants(name) {
+        return v;
+    }
     let mut out = Vec::new();
     for &d in &[64.0, 128.0] {
         for &(kind, a, b) in FORMATS {

@@ -267,7 +267,12 @@ fn main(@builtin(local_invocation_index) lid: u32,
         if (t < end) {
             p = exp(s - m_new);
         }
-        probs[lid] = p;
+        // TurboQuant values: fold the token's scale into its weight once, not once per dimension.
+        if (FMT_KIND == 4u && t < end) {
+            probs[lid] = p * fmt_scale(first + t, 0u);
+        } else {
+            probs[lid] = p;
+        }
         let alpha = exp(m - m_new);
         l = l * alpha + wg_sum(p, lid, WG);
         m = m_new;
@@ -276,7 +281,11 @@ fn main(@builtin(local_invocation_index) lid: u32,
         for (var tt = r; tt < WG; tt += groups) {
             if (base + tt < end) {
                 let pt = probs[tt];
-                acc += pt * fmt_value(first + base + tt, j);
+                if (FMT_KIND == 4u) {
+                    acc += pt * fcb[fmt_code(first + base + tt, j * FMT_BITS_A, FMT_BITS_A)];
+                } else {
+                    acc += pt * fmt_value(first + base + tt, j);
+                }
                 if (FMT_KIND == 5u) {
                     acc_qjl += pt * fmt_qjl(first + base + tt, j);
                 }

@@ -8,8 +8,8 @@ use clap::Subcommand;
 use kvpack::attention::{decode_attention_into, AttentionScratch, AttentionShape, KvPages};
 use kvpack::codec::gpu::{page_words, EncodeArgs, GpuCodec};
 use kvpack::codec::rng::SplitMix64;
-use kvpack::codec::{Codec, VecFormat};
-use kvpack::gpu::{grid, Binding, Gpu};
+use kvpack::codec::{Codec, KvFormat};
+use kvpack::gpu::{grid, Batch, Binding, Gpu};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -21,7 +21,8 @@ pub enum BenchCommand {
         /// Context lengths for decode attention.
         #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384,32768")]
         contexts: Vec<usize>,
-        /// Formats (K and V both).
+        /// KV formats: one format for K and V (`turbo3`), or `K/V` (`turbo4/turbo2`, `k8v4`).
+        /// Encode rows use the key format.
         #[arg(
             long,
             value_delimiter = ',',
@@ -58,15 +59,32 @@ pub fn run(gpu_args: &GpuArgs, cmd: BenchCommand) -> Result<()> {
     }
 }
 
-fn median_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up: pipelines compiled, buffers touched
-    gpu.wait_idle();
+/// Median time of `reps` runs of the dispatches `record` puts in one batch: GPU timestamps around
+/// the pass when the adapter has them, otherwise wall clock from submit to device idle.
+fn median_ms(
+    gpu: &Gpu,
+    reps: usize,
+    mut record: impl FnMut(&mut Batch) -> Result<()>,
+) -> Result<f64> {
+    let timer = gpu.timer();
     let mut t = Vec::with_capacity(reps);
-    for _ in 0..reps {
+    for rep in 0..=reps {
+        let mut b = gpu.batch("bench");
+        if let Some(timer) = &timer {
+            b = b.timed(timer);
+        }
+        record(&mut b)?;
         let start = Instant::now();
-        f()?;
+        b.submit();
         gpu.wait_idle();
-        t.push(start.elapsed().as_secs_f64() * 1e3);
+        let wall = start.elapsed().as_secs_f64() * 1e3;
+        let ms = match &timer {
+            Some(timer) => pollster::block_on(timer.elapsed_ms(gpu))?,
+            None => wall,
+        };
+        if rep > 0 {
+            t.push(ms); // rep 0 warms up: pipelines compiled, buffers touched
+        }
     }
     t.sort_by(|a, b| a.total_cmp(b));
     Ok(t[t.len() / 2])
@@ -87,14 +105,12 @@ fn copy_gbps(gpu: &Gpu, reps: usize) -> Result<f64> {
     let src = gpu.zeros::<u32>("copy src", words);
     let dst = gpu.zeros::<u32>("copy dst", words);
     let kernel = gpu.pipeline("gpu/copy", "main", &[], &[Binding::READ, Binding::RW])?;
-    let ms = median_ms(gpu, reps, || {
-        let mut b = gpu.batch("copy");
+    let ms = median_ms(gpu, reps, |b| {
         b.dispatch(
             &kernel,
             &[src.buffer(), dst.buffer()],
             grid((words / 4 / 256) as u32),
         );
-        b.submit();
         Ok(())
     })?;
     Ok(2.0 * (words * 4) as f64 / (ms * 1e6))
@@ -110,7 +126,7 @@ fn kernels(
     if reps == 0 {
         bail!("--reps must be at least 1");
     }
-    let formats: Vec<VecFormat> = formats
+    let formats: Vec<KvFormat> = formats
         .iter()
         .map(|f| f.parse())
         .collect::<Result<_, _>>()?;
@@ -129,14 +145,14 @@ fn kernels(
     let n_enc = 65536;
     let xs = gpu.upload("bench input", &random(&mut rng, n_enc * d));
     let status = gpu.upload("status", &[0u32, u32::MAX]);
-    for f in &formats {
+    for kv in &formats {
+        let f = &kv.k;
         let codec = GpuCodec::new(&gpu, Codec::with_seed(*f, d, 11)?);
         let page = gpu.zeros::<u32>("page", page_words(f, d, n_enc));
-        let ms = median_ms(&gpu, reps, || {
-            let mut b = gpu.batch("encode");
+        let ms = median_ms(&gpu, reps, |b| {
             codec.encode_into(
                 &gpu,
-                &mut b,
+                b,
                 &EncodeArgs {
                     xs: &xs,
                     src_offset: 0,
@@ -148,7 +164,6 @@ fn kernels(
                     status: &status,
                 },
             )?;
-            b.submit();
             Ok(())
         })?;
         rows.push(Row {
@@ -177,10 +192,10 @@ fn kernels(
         let scratch = AttentionScratch::new(&gpu, shape, 1, ctx);
         let n = shape.n_kv_heads * ctx;
         for f in &formats {
-            let kc = GpuCodec::new(&gpu, Codec::with_seed(*f, d, 21)?);
-            let vc = GpuCodec::new(&gpu, Codec::with_seed(*f, d, 22)?);
-            let kp = gpu.zeros::<u32>("k page", page_words(f, d, n));
-            let vp = gpu.zeros::<u32>("v page", page_words(f, d, n));
+            let kc = GpuCodec::new(&gpu, Codec::with_seed(f.k, d, 21)?);
+            let vc = GpuCodec::new(&gpu, Codec::with_seed(f.v, d, 22)?);
+            let kp = gpu.zeros::<u32>("k page", page_words(&f.k, d, n));
+            let vp = gpu.zeros::<u32>("v page", page_words(&f.v, d, n));
             let mut b = gpu.batch("fill");
             for (c, p) in [(&kc, &kp), (&vc, &vp)] {
                 c.encode_into(
@@ -209,16 +224,14 @@ fn kernels(
                 max_len: ctx,
                 bias: None,
             };
-            let ms = median_ms(&gpu, reps, || {
-                let mut b = gpu.batch("attention");
-                decode_attention_into(&gpu, &mut b, shape, &kv, &q, 1, &scratch, &out)?;
-                b.submit();
+            let ms = median_ms(&gpu, reps, |b| {
+                decode_attention_into(&gpu, b, shape, &kv, &q, 1, &scratch, &out)?;
                 Ok(())
             })?;
-            let bytes = 2.0 * (kp.bytes() as f64);
+            let bytes = (kp.bytes() + vp.bytes()) as f64;
             rows.push(Row {
                 kernel: "decode_attention".into(),
-                format: f.name(),
+                format: f.to_string(),
                 context: ctx,
                 ms,
                 gbps: bytes / (ms * 1e6),
@@ -238,13 +251,18 @@ fn kernels(
     }
     if json {
         let out = serde_json::json!({ "backend": gpu.backend_name(), "adapter": gpu.report().name,
-            "timing": "wall-clock median", "copy_gbps": copy, "rows": rows });
+            "timing": if gpu.has_timestamps() { "gpu timestamps, median" } else { "wall clock, median" }, "copy_gbps": copy, "rows": rows });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "kvpack kernels on {} ({}); wall-clock median of {reps}",
+            "kvpack kernels on {} ({}); median of {reps} ({})",
             gpu.report().name,
-            gpu.backend_name()
+            gpu.backend_name(),
+            if gpu.has_timestamps() {
+                "GPU timestamps"
+            } else {
+                "wall clock"
+            }
         );
         println!("buffer copy bandwidth: {copy:.2} GB/s");
         println!(

@@ -18,9 +18,11 @@
 
 mod buffer;
 mod shaders;
+mod timer;
 
 pub use buffer::GpuVec;
 pub use shaders::{shader_names, shader_source, SHADER_FILES};
+pub use timer::GpuTimer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -613,6 +615,7 @@ impl Gpu {
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }),
             pending: Vec::new(),
+            timer: None,
         }
     }
 
@@ -630,6 +633,7 @@ pub struct Batch<'a> {
     gpu: &'a Gpu,
     encoder: wgpu::CommandEncoder,
     pending: Vec<(Arc<Kernel>, wgpu::BindGroup, [u32; 3])>,
+    timer: Option<GpuTimer>,
 }
 
 impl Batch<'_> {
@@ -679,15 +683,30 @@ impl Batch<'_> {
         self.encoder.write_timestamp(set, index);
     }
 
+    /// Time the batch's compute pass with GPU timestamps (read with [`GpuTimer::elapsed_ms`]
+    /// after [`Batch::submit`]). The batch should hold one pass: dispatches only, no copies.
+    pub fn timed(mut self, timer: &GpuTimer) -> Self {
+        self.timer = Some(timer.clone());
+        self
+    }
+
     fn flush_pass(&mut self) {
         if self.pending.is_empty() {
             return;
         }
+        let timestamp_writes = self
+            .timer
+            .as_ref()
+            .map(|t| wgpu::ComputePassTimestampWrites {
+                query_set: &t.set,
+                beginning_of_pass_write_index: Some(0),
+                end_of_pass_write_index: Some(1),
+            });
         let mut pass = self
             .encoder
             .begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: None,
-                timestamp_writes: None,
+                timestamp_writes,
             });
         for (kernel, bind_group, [x, y, z]) in self.pending.drain(..) {
             pass.set_pipeline(&kernel.pipeline);
@@ -705,6 +724,9 @@ impl Batch<'_> {
     /// Submit everything recorded.
     pub fn submit(mut self) -> wgpu::SubmissionIndex {
         self.flush_pass();
+        if let Some(t) = &self.timer {
+            t.resolve(&mut self.encoder);
+        }
         self.gpu.queue.submit([self.encoder.finish()])
     }
 }

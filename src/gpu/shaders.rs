@@ -22,6 +22,14 @@ shader_files!(
     "attention/decode.wgsl",
     "attention/combine.wgsl",
     "gpu/copy.wgsl",
+    "common/ggml.wgsl",
+    "model/matmul.wgsl",
+    "model/embed.wgsl",
+    "model/rmsnorm.wgsl",
+    "model/rope.wgsl",
+    "model/swiglu.wgsl",
+    "model/add.wgsl",
+    "model/argmax.wgsl",
 );
 
 /// Names of the kernels (files outside `common/`, without `.wgsl`).

@@ -4,7 +4,9 @@
 
 pub mod config;
 pub mod gguf;
+pub mod ops;
 pub mod tokenizer;
+pub mod weights;
 mod unicode;
 
 pub use config::LlamaConfig;

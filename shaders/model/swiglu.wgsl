@@ -1,0 +1,27 @@
+// SwiGLU (Shazeer 2020): out = silu(gate) · up, silu(g) = g / (1 + e^−g), elementwise.
+
+struct Params {
+    n: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> gate: array<f32>;
+@group(0) @binding(2) var<storage, read> up: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+override WG: u32 = 256u;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(local_invocation_index) lid: u32,
+        @builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (i >= params.n) {
+        return;
+    }
+    let g = gate[i];
+    out[i] = g / (1.0 + exp(-g)) * up[i];
+}
