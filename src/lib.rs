@@ -7,4 +7,5 @@
 pub mod attention;
 pub mod codec;
 pub mod gpu;
+pub mod kv;
 pub mod model;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod generate;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -19,6 +20,8 @@ struct Cli {
 }
 
 const EXAMPLES: &str = "Examples:
+  kvpack generate --prompt \"The capital of France is\"   text with a TurboQuant cache
+  kvpack generate --chat --prompt \"Tell me a joke\" --kv k4v2 --temperature 0.7
   kvpack info                              adapters found and the one chosen
   kvpack --backend gl info --json          the OpenGL adapter, as JSON
   kvpack eval distortion --dim 128         TurboQuant distortion beside the paper's numbers
@@ -61,6 +64,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text from a GGUF model with a compressed KV cache (the default model is fetched
+    /// on first use). Streams the text, then reports memory and speed.
+    Generate(generate::GenerateArgs),
     /// Measure quality.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -74,6 +80,7 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Info { json } => info(&cli.gpu, json),
+        Command::Generate(args) => generate::run(&cli.gpu, args),
         Command::Eval(cmd) => eval::run(&cli.gpu, cmd),
         Command::Bench(cmd) => bench::run(&cli.gpu, cmd),
     }

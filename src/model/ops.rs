@@ -52,7 +52,12 @@ pub enum OpsError {
     },
 }
 
-fn check_len(op: &'static str, what: &'static str, got: usize, need: usize) -> Result<(), OpsError> {
+fn check_len(
+    op: &'static str,
+    what: &'static str,
+    got: usize,
+    need: usize,
+) -> Result<(), OpsError> {
     if got < need {
         return Err(OpsError::Size {
             op,
@@ -152,13 +157,25 @@ pub fn matmul_with(
     }
     check_len(OP, "x", x.len(), (opts.x_first_tok + n_tok) * w.cols)?;
     check_len(OP, "y", y.len(), n_tok * w.rows)?;
-    let (lanes, toks) = matmul_layout(w.cols, n_tok);
+    let (mut lanes, mut toks) = matmul_layout(w.cols, n_tok);
+    let mut matmul_wg = MATMUL_WG;
+    if let Ok(v) = std::env::var("TUNE_LANES") {
+        lanes = v.parse().unwrap();
+    }
+    if let Ok(v) = std::env::var("TUNE_TOKS") {
+        if n_tok > 1 {
+            toks = v.parse().unwrap();
+        }
+    }
+    if let Ok(v) = std::env::var("TUNE_WG") {
+        matmul_wg = v.parse().unwrap();
+    }
     let kernel = gpu.pipeline(
         "model/matmul",
         "main",
         &[
             ("WTYPE", w.ggml_type.id() as f64),
-            ("WG", MATMUL_WG as f64),
+            ("WG", matmul_wg as f64),
             ("LANES", lanes as f64),
             ("TOKS", toks as f64),
             ("ACCUMULATE", if opts.accumulate { 1.0 } else { 0.0 }),
@@ -166,7 +183,7 @@ pub fn matmul_with(
         &[Binding::Uniform, Binding::READ, Binding::READ, Binding::RW],
     )?;
     let tok_tiles = n_tok.div_ceil(toks as usize) as u32;
-    let rows_per_wg = MATMUL_WG / lanes;
+    let rows_per_wg = matmul_wg / lanes;
     for chunk in &w.chunks {
         let params = MatmulParams {
             rows: chunk.rows as u32,
@@ -370,9 +387,7 @@ pub fn rope_into(
     if head_dim == 0 || !head_dim.is_multiple_of(2) || head_dim > ROPE_MAX_HEAD_DIM {
         return Err(OpsError::Shape {
             op: OP,
-            reason: format!(
-                "head_dim {head_dim} must be even and at most {ROPE_MAX_HEAD_DIM}"
-            ),
+            reason: format!("head_dim {head_dim} must be even and at most {ROPE_MAX_HEAD_DIM}"),
         });
     }
     if n_tok == 0 || n_heads == 0 {
@@ -505,11 +520,7 @@ pub fn add_into(
             _pad: [0; 3],
         },
     );
-    batch.dispatch(
-        &kernel,
-        &[&ub, x.buffer(), y.buffer()],
-        elementwise_grid(n),
-    );
+    batch.dispatch(&kernel, &[&ub, x.buffer(), y.buffer()], elementwise_grid(n));
     Ok(())
 }
 
@@ -612,6 +623,9 @@ mod tests {
         rope_ref(&mut x, 1, 4, 1, 10000.0);
         assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
         assert!((x[2] - 0.01f32.cos()).abs() < 1e-6 && (x[3] - 0.01f32.sin()).abs() < 1e-6);
-        assert_eq!(matmul_ref(&[1.0, 2.0, 3.0, 4.0], 2, 2, &[1.0, 1.0], 1), [3.0, 7.0]);
+        assert_eq!(
+            matmul_ref(&[1.0, 2.0, 3.0, 4.0], 2, 2, &[1.0, 1.0], 1),
+            [3.0, 7.0]
+        );
     }
 }

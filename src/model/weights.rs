@@ -281,7 +281,9 @@ pub fn dequantize_row(
             ggml_type,
         });
     }
-    let need = ggml_type.bytes_for(cols as u64).ok_or_else(|| bad_size(0))?;
+    let need = ggml_type
+        .bytes_for(cols as u64)
+        .ok_or_else(|| bad_size(0))?;
     if bytes.len() as u64 != need {
         return Err(bad_size(need));
     }
@@ -385,7 +387,10 @@ mod tests {
 
     #[test]
     fn f16_f32_rows_and_errors() {
-        let bytes: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         assert_eq!(
             dequantize_row(GgmlType::F32, &bytes, 2).unwrap(),
             [1.5, -2.0]

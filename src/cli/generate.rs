@@ -1,0 +1,211 @@
+//! `kvpack generate`: text from a GGUF model with a compressed KV cache.
+
+use super::GpuArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kvpack::codec::KvFormat;
+use kvpack::gpu::Gpu;
+use kvpack::model::llama::{Llama, Logits, Session};
+use kvpack::model::sampler::Sampler;
+use kvpack::model::{EncodeOptions, GgufFile, StreamDecoder, Tokenizer};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Model selection, shared by the commands that run a model.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A llama-architecture GGUF file (F32, F16, Q4_0, Q4_1, Q8_0 tensors). Without it the
+    /// default model, SmolLM2-135M-Instruct Q4_1, is fetched on first use.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// A model loaded on the GPU with its tokenizer.
+pub struct Loaded {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub name: String,
+}
+
+impl ModelArgs {
+    pub fn load(&self, gpu: &Gpu, quiet: bool) -> Result<Loaded> {
+        let path = match &self.model {
+            Some(p) => p.clone(),
+            None => kvpack::model::fetch::default_model(|m| eprintln!("{m}"))?,
+        };
+        let file = GgufFile::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        let tokenizer = Tokenizer::from_gguf(&file).context("reading the tokenizer")?;
+        let bar = if quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "loading {msg} [{bar:30}] {pos}/{len} layers",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            )
+        };
+        let name = path
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+        bar.set_message(name.clone());
+        let model = Llama::load(gpu, &file, |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })
+        .with_context(|| format!("loading {}", path.display()))?;
+        bar.finish_and_clear();
+        Ok(Loaded {
+            model,
+            tokenizer,
+            name,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// KV cache format: f32, f16, q8_0, q4_0, turbo1..4 (+n/u), turbo2p.., turbo2.5, turbo3.5, or a
+    /// K/V pair such as k4v2 or turbo4/turbo2.
+    #[arg(long, default_value = "turbo4")]
+    kv: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt in the model's ChatML template (system + user turn).
+    #[arg(long)]
+    chat: bool,
+    /// Tokens the cache can hold (prompt + generated).
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn chat_prompt(user: &str) -> String {
+    format!(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+}
+
+pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
+    let kv: KvFormat = a.kv.parse()?;
+    if a.prompt.is_empty() {
+        bail!("--prompt is empty: give the text to continue");
+    }
+    let gpu = gpu_args.open()?;
+    let loaded = a.model.load(&gpu, a.json)?;
+    let (model, tok) = (&loaded.model, &loaded.tokenizer);
+    kv.validate_dim(model.config.head_dim)?;
+    let text = if a.chat {
+        chat_prompt(&a.prompt)
+    } else {
+        a.prompt.clone()
+    };
+    let prompt_ids = tok.encode_with(
+        &text,
+        EncodeOptions {
+            parse_special: a.chat,
+            add_special: true,
+        },
+    );
+    if prompt_ids.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    if prompt_ids.len() + a.max_tokens > a.context {
+        bail!(
+            "prompt ({} tokens) + --max-tokens {} exceed --context {}: raise --context",
+            prompt_ids.len(),
+            a.max_tokens,
+            a.context
+        );
+    }
+    let mut session = Session::new(&gpu, model, kv, None, a.context)?;
+    let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
+
+    let t0 = Instant::now();
+    let mut logits = pollster::block_on(session.forward(&gpu, &prompt_ids, Logits::Last))?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut out_ids = Vec::new();
+    let mut stream = StreamDecoder::new();
+    let mut text_out = String::new();
+    let stdout = std::io::stdout();
+    if !a.json {
+        print!("{}", a.prompt);
+        stdout.lock().flush().ok();
+    }
+    let t1 = Instant::now();
+    for i in 0..a.max_tokens {
+        let id = sampler.sample(&logits);
+        if tok.is_end_of_generation(id) {
+            break;
+        }
+        out_ids.push(id);
+        let piece = stream.push(tok, id);
+        text_out.push_str(&piece);
+        if !a.json {
+            print!("{piece}");
+            stdout.lock().flush().ok();
+        }
+        if i + 1 < a.max_tokens {
+            logits = pollster::block_on(session.forward(&gpu, &[id], Logits::Last))?;
+        }
+    }
+    let tail = stream.finish();
+    text_out.push_str(&tail);
+    let decode_s = t1.elapsed().as_secs_f64();
+    let cache = session.cache();
+    let prefill_tok_s = prompt_ids.len() as f64 / prefill_s;
+    let decode_tok_s = out_ids.len() as f64 / decode_s.max(1e-9);
+    if a.json {
+        let j = serde_json::json!({
+            "text": text_out, "tokens": out_ids, "kv": kv.to_string(),
+            "kv_bytes": cache.bytes(), "kv_bytes_f16": cache.bytes_f16(),
+            "weights_gpu_bytes": model.weights_gpu_bytes(),
+            "bits_per_value": cache.bits_per_value(),
+            "prompt_tokens": prompt_ids.len(),
+            "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,
+            "backend": gpu.backend_name(), "model": loaded.name,
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!("{tail}");
+        eprintln!();
+        eprintln!(
+            "--- {} on {} ({})",
+            loaded.name,
+            gpu.report().name,
+            gpu.backend_name()
+        );
+        eprintln!(
+            "weights on GPU:  {:.1} MB (kept in their GGUF blocks)",
+            model.weights_gpu_bytes() as f64 / 1e6
+        );
+        eprintln!(
+            "KV cache:        {} bytes for {} tokens in {kv} ({:.2} bits/value); an f16 cache needs {} bytes: {:.2}x smaller",
+            cache.bytes(), cache.len(), cache.bits_per_value(), cache.bytes_f16(),
+            cache.bytes_f16() as f64 / cache.bytes().max(1) as f64
+        );
+        eprintln!("speed:           prefill {prefill_tok_s:.1} tok/s ({} tokens), decode {decode_tok_s:.2} tok/s ({} tokens)",
+            prompt_ids.len(), out_ids.len());
+    }
+    Ok(())
+}

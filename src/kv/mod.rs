@@ -1,0 +1,245 @@
+//! The KV cache: one compressed page per layer for keys and one for values, every KV head's tokens
+//! contiguous in its page, a format per layer (K and V may differ), quantize-on-write through the
+//! codec kernels and exact byte accounting.
+//!
+//! Head `h` of a layer owns page slots `[h·capacity, h·capacity + len)`; the heads table
+//! `(first slot, length)` that attention reads is shared by all layers.
+
+use crate::attention::KvPages;
+use crate::codec::gpu::{page_words, EncodeArgs, GpuCodec};
+use crate::codec::{Codec, CodecError, KvFormat};
+use crate::gpu::{Batch, Gpu, GpuError, GpuVec};
+
+/// Errors of the KV cache.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// A format that does not fit the head dimension.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The GPU layer failed.
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    /// More tokens than the cache holds.
+    #[error("the KV cache holds {capacity} tokens and {len} are stored: {more} more do not fit (raise the context size)")]
+    Full {
+        /// Capacity in tokens.
+        capacity: usize,
+        /// Tokens stored.
+        len: usize,
+        /// Tokens asked for.
+        more: usize,
+    },
+    /// A configuration error.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Shape and formats of a cache.
+#[derive(Clone, Debug)]
+pub struct KvConfig {
+    /// Layers.
+    pub n_layer: usize,
+    /// KV heads per layer.
+    pub n_kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Tokens per head the cache can hold.
+    pub capacity: usize,
+    /// Format of every layer, unless `layer_formats` says otherwise.
+    pub format: KvFormat,
+    /// Per-layer formats (length `n_layer`), e.g. q8_0 for the first and last layers.
+    pub layer_formats: Option<Vec<KvFormat>>,
+    /// Seed of the rotations; each layer's keys and values get their own stream.
+    pub seed: u64,
+}
+
+impl KvConfig {
+    /// The format of layer `l`.
+    pub fn format_of(&self, l: usize) -> KvFormat {
+        self.layer_formats
+            .as_ref()
+            .map(|f| f[l])
+            .unwrap_or(self.format)
+    }
+}
+
+struct LayerCache {
+    k: GpuCodec,
+    v: GpuCodec,
+    k_page: GpuVec<u32>,
+    v_page: GpuVec<u32>,
+}
+
+/// A compressed KV cache on the GPU.
+pub struct KvCache {
+    config: KvConfig,
+    layers: Vec<LayerCache>,
+    heads: GpuVec<u32>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new(gpu: &Gpu, config: KvConfig) -> Result<KvCache, KvError> {
+        if let Some(f) = &config.layer_formats {
+            if f.len() != config.n_layer {
+                return Err(KvError::Config(format!(
+                    "{} layer formats given for {} layers",
+                    f.len(),
+                    config.n_layer
+                )));
+            }
+        }
+        let d = config.head_dim;
+        let slots = config.n_kv_heads * config.capacity;
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for l in 0..config.n_layer {
+            let f = config.format_of(l);
+            f.validate_dim(d)?;
+            let seed = config.seed.wrapping_add(2 * l as u64 * 0x9E37_79B9);
+            let k = GpuCodec::new(gpu, Codec::with_seed(f.k, d, seed)?);
+            let v = GpuCodec::new(gpu, Codec::with_seed(f.v, d, seed + 1)?);
+            layers.push(LayerCache {
+                k_page: gpu.zeros(&format!("k page {l}"), page_words(&f.k, d, slots)),
+                v_page: gpu.zeros(&format!("v page {l}"), page_words(&f.v, d, slots)),
+                k,
+                v,
+            });
+        }
+        let heads = gpu.zeros("kv heads", 2 * config.n_kv_heads);
+        let cache = KvCache {
+            config,
+            layers,
+            heads,
+            len: 0,
+        };
+        cache.write_heads(gpu, 0);
+        Ok(cache)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KvConfig {
+        &self.config
+    }
+
+    /// Tokens stored per head.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn write_heads(&self, gpu: &Gpu, len: usize) {
+        let table: Vec<u32> = (0..self.config.n_kv_heads)
+            .flat_map(|h| [(h * self.config.capacity) as u32, len as u32])
+            .collect();
+        self.heads.write(gpu, &table);
+    }
+
+    /// Make room for `n` more tokens: the heads table already counts them (attention recorded
+    /// after this sees them), and [`KvCache::append_into`] writes them at positions `len..len + n`.
+    pub fn begin_tokens(&mut self, gpu: &Gpu, n: usize) -> Result<usize, KvError> {
+        if self.len + n > self.config.capacity {
+            return Err(KvError::Full {
+                capacity: self.config.capacity,
+                len: self.len,
+                more: n,
+            });
+        }
+        let first = self.len;
+        self.len += n;
+        self.write_heads(gpu, self.len);
+        Ok(first)
+    }
+
+    /// Record the quantized write of `n` tokens' keys and values of `layer` at position `first`
+    /// (from [`KvCache::begin_tokens`]). `k` and `v` are `n × n_kv_heads × head_dim` floats.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_into(
+        &self,
+        gpu: &Gpu,
+        batch: &mut Batch<'_>,
+        layer: usize,
+        first: usize,
+        n: usize,
+        k: &GpuVec<f32>,
+        v: &GpuVec<f32>,
+        status: &GpuVec<u32>,
+    ) -> Result<(), KvError> {
+        let c = &self.config;
+        let lc = &self.layers[layer];
+        let slots = c.n_kv_heads * c.capacity;
+        for h in 0..c.n_kv_heads {
+            for (codec, xs, page) in [(&lc.k, k, &lc.k_page), (&lc.v, v, &lc.v_page)] {
+                codec.encode_into(
+                    gpu,
+                    batch,
+                    &EncodeArgs {
+                        xs,
+                        src_offset: h * c.head_dim,
+                        src_stride: c.n_kv_heads * c.head_dim,
+                        n,
+                        page,
+                        capacity: slots,
+                        dst_first: h * c.capacity + first,
+                        status,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Layer `layer`'s pages, for attention.
+    pub fn pages(&self, layer: usize) -> KvPages<'_> {
+        let lc = &self.layers[layer];
+        KvPages {
+            k_codec: &lc.k,
+            v_codec: &lc.v,
+            k_page: &lc.k_page,
+            v_page: &lc.v_page,
+            capacity: self.config.n_kv_heads * self.config.capacity,
+            heads: &self.heads,
+            max_len: self.len,
+            bias: None,
+        }
+    }
+
+    /// Exact bytes that the stored tokens occupy: codes plus scales of every stored vector, in
+    /// every layer, for keys and values (the page's unused capacity is not counted).
+    pub fn bytes(&self) -> u64 {
+        let d = self.config.head_dim;
+        let per_head_tokens = self.len;
+        (0..self.config.n_layer)
+            .map(|l| {
+                let f = self.config.format_of(l);
+                let bits = (f.k.bits_per_value(d) + f.v.bits_per_value(d)) * d as f64;
+                (bits * (per_head_tokens * self.config.n_kv_heads) as f64 / 8.0).ceil() as u64
+            })
+            .sum()
+    }
+
+    /// Bytes an f16 cache would need for the same tokens.
+    pub fn bytes_f16(&self) -> u64 {
+        let c = &self.config;
+        (2 * c.n_layer * c.n_kv_heads * self.len * c.head_dim * 2) as u64
+    }
+
+    /// Average stored bits per value over keys and values of all layers.
+    pub fn bits_per_value(&self) -> f64 {
+        let d = self.config.head_dim;
+        (0..self.config.n_layer)
+            .map(|l| self.config.format_of(l).bits_per_value(d))
+            .sum::<f64>()
+            / self.config.n_layer as f64
+    }
+
+    /// Forget every token (the pages keep their memory).
+    pub fn clear(&mut self, gpu: &Gpu) {
+        self.len = 0;
+        self.write_heads(gpu, 0);
+    }
+}

@@ -1,0 +1,329 @@
+//! The llama-family forward pass (RMSNorm, RoPE on adjacent pairs, GQA, SwiGLU, tied embeddings)
+//! over weights kept in their GGUF blocks and a compressed KV cache. One model, any weight or cache
+//! format: formats are data here, not code paths.
+
+use super::config::LlamaConfig;
+use super::gguf::{GgufError, GgufFile};
+use super::ops::{self, MatmulOptions, OpsError};
+use super::weights::{load_f32, QTensor, WeightError};
+use crate::attention::{decode_attention_into, AttentionScratch, AttentionShape};
+use crate::codec::KvFormat;
+use crate::gpu::{Gpu, GpuError, GpuVec};
+use crate::kv::{KvCache, KvConfig, KvError};
+
+/// Tokens per prefill chunk.
+pub const CHUNK: usize = 64;
+
+/// Errors of loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The GGUF file.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// A weight could not be uploaded.
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    /// A kernel refused its arguments.
+    #[error(transparent)]
+    Ops(#[from] OpsError),
+    /// The KV cache.
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    /// The GPU layer.
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    /// A token id outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    BadToken {
+        /// The id.
+        id: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+}
+
+struct Block {
+    attn_norm: GpuVec<f32>,
+    ffn_norm: GpuVec<f32>,
+    wq: QTensor,
+    wk: QTensor,
+    wv: QTensor,
+    wo: QTensor,
+    gate: QTensor,
+    up: QTensor,
+    down: QTensor,
+}
+
+/// A llama-architecture model on the GPU.
+pub struct Llama {
+    /// Hyperparameters.
+    pub config: LlamaConfig,
+    embd: QTensor,
+    output: Option<QTensor>,
+    out_norm: GpuVec<f32>,
+    blocks: Vec<Block>,
+}
+
+impl Llama {
+    /// Upload every weight of a GGUF file in its own block format. `progress` is called with
+    /// (layers done, layers) as loading goes.
+    pub fn load(
+        gpu: &Gpu,
+        file: &GgufFile,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Llama, ModelError> {
+        let config = LlamaConfig::from_gguf(file)?;
+        let embd = QTensor::load(gpu, file, "token_embd.weight")?;
+        let output = if file.tensor_info("output.weight").is_ok() {
+            Some(QTensor::load(gpu, file, "output.weight")?)
+        } else {
+            None
+        };
+        let out_norm = load_f32(gpu, file, "output_norm.weight")?;
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        for l in 0..config.n_layer {
+            let t = |n: &str| format!("blk.{l}.{n}.weight");
+            let q = |n: &str| QTensor::load(gpu, file, &t(n));
+            blocks.push(Block {
+                attn_norm: load_f32(gpu, file, &t("attn_norm"))?,
+                ffn_norm: load_f32(gpu, file, &t("ffn_norm"))?,
+                wq: q("attn_q")?,
+                wk: q("attn_k")?,
+                wv: q("attn_v")?,
+                wo: q("attn_output")?,
+                gate: q("ffn_gate")?,
+                up: q("ffn_up")?,
+                down: q("ffn_down")?,
+            });
+            progress(l + 1, config.n_layer);
+        }
+        Ok(Llama {
+            config,
+            embd,
+            output,
+            out_norm,
+            blocks,
+        })
+    }
+
+    /// GPU bytes of all weights (blocks as stored in the file, norms as f32).
+    pub fn weights_gpu_bytes(&self) -> u64 {
+        let mut total = self.embd.gpu_bytes() + self.out_norm.bytes();
+        total += self.output.as_ref().map_or(0, |o| o.gpu_bytes());
+        for b in &self.blocks {
+            total += b.attn_norm.bytes() + b.ffn_norm.bytes();
+            for w in [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down] {
+                total += w.gpu_bytes();
+            }
+        }
+        total
+    }
+
+    fn shape(&self) -> AttentionShape {
+        AttentionShape {
+            n_heads: self.config.n_head,
+            n_kv_heads: self.config.n_head_kv,
+            head_dim: self.config.head_dim,
+        }
+    }
+}
+
+/// A conversation's state: the compressed KV cache and the scratch of the forward pass.
+pub struct Session<'m> {
+    model: &'m Llama,
+    cache: KvCache,
+    scratch: AttentionScratch,
+    ids: GpuVec<u32>,
+    x: GpuVec<f32>,
+    h: GpuVec<f32>,
+    q: GpuVec<f32>,
+    k: GpuVec<f32>,
+    v: GpuVec<f32>,
+    attn: GpuVec<f32>,
+    gate: GpuVec<f32>,
+    up: GpuVec<f32>,
+    act: GpuVec<f32>,
+    logits_all: GpuVec<f32>,
+    logits_last: GpuVec<f32>,
+    status: GpuVec<u32>,
+}
+
+/// Which logits a forward call returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's, `n × vocab` (perplexity).
+    All,
+}
+
+impl<'m> Session<'m> {
+    /// A session whose cache holds `capacity` tokens in `format` (per-layer formats optional).
+    pub fn new(
+        gpu: &Gpu,
+        model: &'m Llama,
+        format: KvFormat,
+        layer_formats: Option<Vec<KvFormat>>,
+        capacity: usize,
+    ) -> Result<Session<'m>, ModelError> {
+        let c = &model.config;
+        let cache = KvCache::new(
+            gpu,
+            KvConfig {
+                n_layer: c.n_layer,
+                n_kv_heads: c.n_head_kv,
+                head_dim: c.head_dim,
+                capacity,
+                format,
+                layer_formats,
+                seed: 0x6b76_7061_636b,
+            },
+        )?;
+        let kv_dim = c.n_head_kv * c.head_dim;
+        let vocab = model.embd.rows;
+        let z = |label: &str, n: usize| gpu.zeros::<f32>(label, CHUNK * n);
+        Ok(Session {
+            model,
+            scratch: AttentionScratch::new(gpu, model.shape(), CHUNK, capacity),
+            cache,
+            ids: gpu.zeros("ids", CHUNK),
+            x: z("x", c.n_embd),
+            h: z("h", c.n_embd),
+            q: z("q", c.n_head * c.head_dim),
+            k: z("k", kv_dim),
+            v: z("v", kv_dim),
+            attn: z("attn", c.n_head * c.head_dim),
+            gate: z("gate", c.n_ff),
+            up: z("up", c.n_ff),
+            act: z("act", c.n_ff),
+            logits_all: z("logits", vocab),
+            logits_last: gpu.zeros("logits last", vocab),
+            status: gpu.upload("encode status", &[0u32, u32::MAX]),
+        })
+    }
+
+    /// The KV cache.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Tokens seen so far.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether no token has been fed.
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// Feed `tokens` (any number; prefilled in chunks of [`CHUNK`]) and return logits.
+    pub async fn forward(
+        &mut self,
+        gpu: &Gpu,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        let vocab = self.model.embd.rows;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::BadToken { id, vocab });
+        }
+        let mut out = Vec::new();
+        for chunk in tokens.chunks(CHUNK) {
+            self.forward_chunk(gpu, chunk, which)?;
+            if which == Logits::All {
+                let all = gpu.read(&self.logits_all).await?;
+                out.extend_from_slice(&all[..chunk.len() * vocab]);
+            }
+        }
+        if which == Logits::Last && !tokens.is_empty() {
+            out = gpu.read(&self.logits_last).await?;
+        }
+        Ok(out)
+    }
+
+    /// Record and submit one chunk.
+    fn forward_chunk(
+        &mut self,
+        gpu: &Gpu,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<(), ModelError> {
+        let m = self.model;
+        let c = &m.config;
+        let n = tokens.len();
+        let (dim, hd) = (c.n_embd, c.head_dim);
+        let first = self.cache.begin_tokens(gpu, n)?;
+        self.ids.write(gpu, tokens);
+        let mut b = gpu.batch("forward");
+        ops::embed_into(gpu, &mut b, &m.embd, &self.ids, n, &self.x)?;
+        for (l, blk) in m.blocks.iter().enumerate() {
+            ops::rmsnorm_into(
+                gpu,
+                &mut b,
+                &self.x,
+                &blk.attn_norm,
+                n,
+                dim,
+                c.rms_eps,
+                &self.h,
+            )?;
+            ops::matmul_into(gpu, &mut b, &blk.wq, &self.h, n, &self.q)?;
+            ops::matmul_into(gpu, &mut b, &blk.wk, &self.h, n, &self.k)?;
+            ops::matmul_into(gpu, &mut b, &blk.wv, &self.h, n, &self.v)?;
+            ops::rope_into(gpu, &mut b, &self.q, n, c.n_head, hd, first, c.rope_base)?;
+            ops::rope_into(gpu, &mut b, &self.k, n, c.n_head_kv, hd, first, c.rope_base)?;
+            self.cache
+                .append_into(gpu, &mut b, l, first, n, &self.k, &self.v, &self.status)?;
+            let pages = self.cache.pages(l);
+            decode_attention_into(
+                gpu,
+                &mut b,
+                m.shape(),
+                &pages,
+                &self.q,
+                n,
+                &self.scratch,
+                &self.attn,
+            )?;
+            ops::matmul_add_into(gpu, &mut b, &blk.wo, &self.attn, n, &self.x)?;
+            ops::rmsnorm_into(
+                gpu,
+                &mut b,
+                &self.x,
+                &blk.ffn_norm,
+                n,
+                dim,
+                c.rms_eps,
+                &self.h,
+            )?;
+            ops::matmul_into(gpu, &mut b, &blk.gate, &self.h, n, &self.gate)?;
+            ops::matmul_into(gpu, &mut b, &blk.up, &self.h, n, &self.up)?;
+            ops::swiglu_into(gpu, &mut b, &self.gate, &self.up, n * c.n_ff, &self.act)?;
+            ops::matmul_add_into(gpu, &mut b, &blk.down, &self.act, n, &self.x)?;
+        }
+        ops::rmsnorm_into(
+            gpu,
+            &mut b,
+            &self.x,
+            &m.out_norm,
+            n,
+            dim,
+            c.rms_eps,
+            &self.h,
+        )?;
+        let out_w = m.output.as_ref().unwrap_or(&m.embd);
+        match which {
+            Logits::All => ops::matmul_into(gpu, &mut b, out_w, &self.h, n, &self.logits_all)?,
+            Logits::Last => {
+                let opts = MatmulOptions {
+                    x_first_tok: n - 1,
+                    ..Default::default()
+                };
+                ops::matmul_with(gpu, &mut b, out_w, &self.h, 1, &self.logits_last, opts)?
+            }
+        }
+        b.submit();
+        Ok(())
+    }
+}
