@@ -528,7 +528,10 @@ fn forward_step_matmul_timing() {
         let x = gpu.zeros::<f32>("x", 64 * 1536);
         let y = gpu.zeros::<f32>("y", 64 * 1536);
         let logits = gpu.zeros::<f32>("logits", out.rows);
-        for n_tok in [1, 64] {
+        let toks_list: Vec<usize> = std::env::var("TUNE_NTOK")
+            .map(|v| v.split(',').map(|s| s.parse().unwrap()).collect())
+            .unwrap_or(vec![1, 64]);
+        for n_tok in toks_list {
             let ms = time_ms(&gpu, 5, || {
                 let mut b = gpu.batch("step");
                 for w in &ws {

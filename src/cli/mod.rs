@@ -3,6 +3,7 @@
 mod bench;
 mod eval;
 mod generate;
+mod ppl;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};

