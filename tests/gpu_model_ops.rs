@@ -7,7 +7,7 @@ mod common;
 use common::{gpus, Rng};
 use half::f16;
 use kvpack::gpu::{Gpu, GpuVec};
-use kvpack::model::ops::{self, MatmulOptions, OpsError};
+use kvpack::model::ops::{self, MatmulKernel, MatmulOptions, OpsError};
 use kvpack::model::weights::{dequantize_rows, QTensor, WeightError};
 use kvpack::model::{GgmlType, GgufFile};
 
@@ -90,17 +90,34 @@ fn run<T: bytemuck::Pod>(
     gpu.read_blocking(out).unwrap()
 }
 
-/// GPU matmul of `w` on `x` against the f64 reference; returns the relative error.
+const KERNELS: [MatmulKernel; 2] = [MatmulKernel::Columns, MatmulKernel::Rows];
+
+/// GPU matmul of `w` on `x`, with each kernel, against the f64 reference; returns the largest
+/// relative error.
 fn check_matmul(gpu: &Gpu, ctx: &str, w: &QTensor, bytes: &[u8], x: &[f32], n_tok: usize) -> f64 {
     let dense = dequantize_rows(w.ggml_type, bytes, w.rows, w.cols).unwrap();
     let want = ops::matmul_ref(&dense, w.rows, w.cols, x, n_tok);
     let scale = ops::matmul_ref(&abs(&dense), w.rows, w.cols, &abs(x), n_tok);
     let xg = gpu.upload("x", x);
-    let y = gpu.zeros::<f32>("y", n_tok * w.rows);
-    let got = run(gpu, &y, |b| ops::matmul_into(gpu, b, w, &xg, n_tok, &y));
-    let err = max_rel_err(&got, &want, &scale);
-    assert!(err <= TOL, "{ctx}: matmul relative error {err:e}");
-    err
+    let mut worst = 0.0f64;
+    for kernel in KERNELS {
+        // NaN first, so an output nobody writes shows up.
+        let y = gpu.upload("y", &vec![f32::NAN; n_tok * w.rows]);
+        let opts = MatmulOptions {
+            kernel,
+            ..Default::default()
+        };
+        let got = run(gpu, &y, |b| {
+            ops::matmul_with(gpu, b, w, &xg, n_tok, &y, opts)
+        });
+        let err = max_rel_err(&got, &want, &scale);
+        assert!(
+            err <= TOL,
+            "{ctx} {kernel:?}: matmul relative error {err:e}"
+        );
+        worst = worst.max(err);
+    }
+    worst
 }
 
 #[test]
@@ -200,16 +217,22 @@ fn matmul_accumulates_and_reads_from_a_token_offset() {
         let mut scale = ops::matmul_ref(&abs(&dense), rows, cols, &abs(xs), n_tok);
         ops::add_ref(&mut scale, &abs(&y0));
         let xg = gpu.upload("x", &x);
-        let y = gpu.upload("y", &y0);
-        let opts = MatmulOptions {
-            x_first_tok: first,
-            accumulate: true,
-        };
-        let got = run(&gpu, &y, |b| {
-            ops::matmul_with(&gpu, b, &w, &xg, n_tok, &y, opts)
-        });
-        let err = max_rel_err(&got, &want, &scale);
-        assert!(err <= TOL, "{backend}: matmul_add relative error {err:e}");
+        for kernel in KERNELS {
+            let y = gpu.upload("y", &y0);
+            let opts = MatmulOptions {
+                x_first_tok: first,
+                accumulate: true,
+                kernel,
+            };
+            let got = run(&gpu, &y, |b| {
+                ops::matmul_with(&gpu, b, &w, &xg, n_tok, &y, opts)
+            });
+            let err = max_rel_err(&got, &want, &scale);
+            assert!(
+                err <= TOL,
+                "{backend} {kernel:?}: matmul_add relative error {err:e}"
+            );
+        }
     }
 }
 
@@ -528,35 +551,50 @@ fn forward_step_matmul_timing() {
         let x = gpu.zeros::<f32>("x", 64 * 1536);
         let y = gpu.zeros::<f32>("y", 64 * 1536);
         let logits = gpu.zeros::<f32>("logits", out.rows);
-        let toks_list: Vec<usize> = std::env::var("TUNE_NTOK")
-            .map(|v| v.split(',').map(|s| s.parse().unwrap()).collect())
-            .unwrap_or(vec![1, 64]);
-        for n_tok in toks_list {
-            let ms = time_ms(&gpu, 5, || {
+        // The columns kernel on a CPU adapter is slow: decode only.
+        for (kernel, n_tok) in [
+            (MatmulKernel::Auto, 1),
+            (MatmulKernel::Auto, 64),
+            (MatmulKernel::Columns, 1),
+            (MatmulKernel::Rows, 1),
+        ] {
+            let opts = MatmulOptions {
+                kernel,
+                ..Default::default()
+            };
+            let ms = time_ms(&gpu, 3, || {
                 let mut b = gpu.batch("step");
                 for w in &ws {
-                    ops::matmul_into(&gpu, &mut b, w, &x, n_tok, &y).unwrap();
+                    ops::matmul_with(&gpu, &mut b, w, &x, n_tok, &y, opts).unwrap();
                 }
-                let opts = MatmulOptions {
+                let last = MatmulOptions {
                     x_first_tok: n_tok - 1,
-                    accumulate: false,
+                    ..opts
                 };
+                ops::matmul_with(&gpu, &mut b, &out, &x, 1, &logits, last).unwrap();
+                b.submit();
+            });
+            eprintln!(
+                "{backend} ({}): {} matmuls over {:.1} MB of weights, {kernel:?} kernel, \
+                 n_tok={n_tok}: {ms:.1} ms",
+                gpu.report().device_type,
+                ws.len() + 1,
+                weight_bytes as f64 / 1e6,
+            );
+        }
+        for kernel in KERNELS {
+            let opts = MatmulOptions {
+                kernel,
+                ..Default::default()
+            };
+            let ms = time_ms(&gpu, 3, || {
+                let mut b = gpu.batch("lm head");
                 ops::matmul_with(&gpu, &mut b, &out, &x, 1, &logits, opts).unwrap();
                 b.submit();
             });
             eprintln!(
-                "{backend}: {} matmuls over {:.1} MB of weights, n_tok={n_tok}: {ms:.1} ms \
-                 ({:.2} GB/s of weights)",
-                ws.len() + 1,
-                weight_bytes as f64 / 1e6,
-                weight_bytes as f64 / ms / 1e6
+                "{backend}: output projection alone (49152 × 576 Q8_0), {kernel:?}: {ms:.1} ms"
             );
         }
-        let ms = time_ms(&gpu, 5, || {
-            let mut b = gpu.batch("lm head");
-            ops::matmul_into(&gpu, &mut b, &out, &x, 1, &logits).unwrap();
-            b.submit();
-        });
-        eprintln!("{backend}: output projection alone (49152 × 576 Q8_0): {ms:.1} ms");
     }
 }

@@ -44,6 +44,19 @@ fn model_variants(name: &str) -> Option<Vec<Vec<(&'static str, f64)>>> {
                 }
             }
         }
+        "model/matmul_cpu" => {
+            for &t in WEIGHT_TYPES {
+                for (rows, toks, acc) in [(2.0, 1.0, 0.0), (4.0, 10.0, 1.0), (1.0, 16.0, 0.0)] {
+                    out.push(vec![
+                        ("WTYPE", t),
+                        ("WG", 64.0 / rows),
+                        ("ROWS", rows),
+                        ("TOKS", toks),
+                        ("ACCUMULATE", acc),
+                    ]);
+                }
+            }
+        }
         "model/embed" => {
             for &t in WEIGHT_TYPES {
                 out.push(vec![("WTYPE", t), ("WG", 64.0)]);

@@ -4,7 +4,8 @@
 // Every block and every row starts at an even byte (blocks are 18, 20 or 34 bytes; F16/F32 rows
 // are whole 16-byte units), so any 4 bytes are one word or two half-words.
 //
-// A row is read in units of 8 values: unit u of a Q4 block is nibble byte-word u & 3, which holds
+// A row is read in units of 8 values (w_unit), or in whole blocks of 32 (w_block: the fewest word
+// loads, for adapters that pay per load such as CPU rasterizers): unit u of a Q4 block is nibble byte-word u & 3, which holds
 // values 4q..4q+3 (low nibbles) and 16+4q..16+4q+3 (high nibbles); of a Q8_0 block, bytes 8q..8q+7;
 // of F32/F16 rows, values 8u..8u+7.
 
@@ -99,6 +100,54 @@ fn w_unit(rb: u32, u: u32) -> WUnit {
         o.hi = w_i8x4(w_word(b + 6u + 8u * q)) * d;
         o.lo_col = blk * 32u + 8u * q;
         o.hi_col = blk * 32u + 8u * q + 4u;
+    }
+    return o;
+}
+
+// (lo >> 16) | (hi << 16): the word that starts 2 bytes into `lo`.
+fn w_funnel(lo: u32, hi: u32) -> u32 {
+    return (lo >> 16u) | (hi << 16u);
+}
+
+// Block (32 values, in column order) of a Q4_0, Q4_1 or Q8_0 row starting at even byte `b`, read
+// with one load per word it touches.
+fn w_block(b: u32) -> array<vec4<f32>, 8> {
+    var o: array<vec4<f32>, 8>;
+    let i = b >> 2u;
+    let odd = (b & 2u) != 0u;
+    if (WTYPE == 8u) {
+        // 34 bytes: f16 d, 32 × i8; 9 words either way.
+        var r: array<u32, 9>;
+        for (var j = 0u; j < 9u; j++) {
+            r[j] = wq[i + j];
+        }
+        let d = half_from_word(r[0], b >> 1u);
+        for (var j = 0u; j < 8u; j++) {
+            o[j] = w_i8x4(select(w_funnel(r[j], r[j + 1u]), r[j + 1u], odd)) * d;
+        }
+    } else if (WTYPE == 2u) {
+        // 18 bytes: f16 d, 16 nibble bytes; 5 words either way. Value (nibble − 8) · d.
+        var r: array<u32, 5>;
+        for (var j = 0u; j < 5u; j++) {
+            r[j] = wq[i + j];
+        }
+        let d = half_from_word(r[0], b >> 1u);
+        for (var j = 0u; j < 4u; j++) {
+            let q = select(w_funnel(r[j], r[j + 1u]), r[j + 1u], odd);
+            let bytes = vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u);
+            o[j] = (vec4<f32>(bytes & vec4<u32>(15u)) - 8.0) * d;
+            o[j + 4u] = (vec4<f32>((bytes >> vec4<u32>(4u)) & vec4<u32>(15u)) - 8.0) * d;
+        }
+    } else {
+        // Q4_1, 20 bytes: f16 d, f16 m, 16 nibble bytes. Rows and blocks are multiples of 20
+        // bytes, so a block starts on a word: 5 words. Value nibble · d + m.
+        let dm = unpack2x16float(wq[i]);
+        for (var j = 0u; j < 4u; j++) {
+            let q = wq[i + 1u + j];
+            let bytes = vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u);
+            o[j] = vec4<f32>(bytes & vec4<u32>(15u)) * dm.x + dm.y;
+            o[j + 4u] = vec4<f32>((bytes >> vec4<u32>(4u)) & vec4<u32>(15u)) * dm.x + dm.y;
+        }
     }
     return o;
 }

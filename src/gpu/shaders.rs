@@ -24,6 +24,7 @@ shader_files!(
     "gpu/copy.wgsl",
     "common/ggml.wgsl",
     "model/matmul.wgsl",
+    "model/matmul_cpu.wgsl",
     "model/embed.wgsl",
     "model/rmsnorm.wgsl",
     "model/rope.wgsl",
