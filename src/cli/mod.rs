@@ -1,6 +1,7 @@
 //! Command-line front end: argument parsing (clap) and output; the work lives in the library.
 
 mod bench;
+mod chat;
 mod eval;
 mod generate;
 mod ppl;
@@ -68,6 +69,9 @@ enum Command {
     /// Generate text from a GGUF model with a compressed KV cache (the default model is fetched
     /// on first use). Streams the text, then reports memory and speed.
     Generate(generate::GenerateArgs),
+    /// An interactive conversation with the ChatML template; the compressed cache is kept
+    /// across turns.
+    Chat(chat::ChatArgs),
     /// Measure quality.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -82,6 +86,7 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Info { json } => info(&cli.gpu, json),
         Command::Generate(args) => generate::run(&cli.gpu, args),
+        Command::Chat(args) => chat::run(&cli.gpu, args),
         Command::Eval(cmd) => eval::run(&cli.gpu, cmd),
         Command::Bench(cmd) => bench::run(&cli.gpu, cmd),
     }
