@@ -65,6 +65,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         heads: &heads_buf,
         max_len: tokens,
         bias: None,
+        skip: 0,
+        v_rotated_f32: false,
     };
     let (q, out) = (
         gpu.upload("q", &query),
@@ -72,7 +74,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let scratch = AttentionScratch::new(&gpu, shape, 1, tokens);
     let mut batch = gpu.batch("attention");
-    decode_attention_into(&gpu, &mut batch, shape, &kv, &q, 1, &scratch, &out)?;
+    decode_attention_into(
+        &gpu,
+        &mut batch,
+        shape,
+        std::slice::from_ref(&kv),
+        &q,
+        1,
+        &scratch,
+        &out,
+    )?;
     batch.submit();
     let got = gpu.read_blocking(&out)?;
 

@@ -87,12 +87,24 @@ fn run_case(
         heads: &heads,
         max_len,
         bias: with_bias.then_some(&bias),
+        skip: 0,
+        v_rotated_f32: false,
     };
     let qb = gpu.upload("q", &q);
     let out = gpu.zeros::<f32>("out", q.len());
     let scratch = AttentionScratch::new(gpu, shape, n_q, max_len);
     let mut b = gpu.batch("attention");
-    decode_attention_into(gpu, &mut b, shape, &kv, &qb, n_q, &scratch, &out).unwrap();
+    decode_attention_into(
+        gpu,
+        &mut b,
+        shape,
+        std::slice::from_ref(&kv),
+        &qb,
+        n_q,
+        &scratch,
+        &out,
+    )
+    .unwrap();
     b.submit();
     let got = gpu.read_blocking(&out).unwrap();
     for (o, (g, w)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
@@ -123,6 +135,103 @@ fn compressed_domain_attention_equals_attention_over_decoded_cache() {
             ("turbo3p", "turbo2.5"),
         ] {
             run_case(&gpu, kf, vf, &[1100, 513], 2, true);
+        }
+    }
+}
+
+/// The KV cache with full-precision sinks: tokens appended chunk by chunk, attention over the
+/// compressed region plus the exact sink region equals attention over a cache whose first tokens
+/// are exact and the rest decoded from the pages.
+#[test]
+fn cache_with_full_precision_sinks_matches_reference() {
+    use kvpack::codec::{Encoded, KvFormat};
+    use kvpack::kv::{KvCache, KvConfig};
+    for gpu in gpus() {
+        for fmt in ["turbo3/turbo2", "q8_0/turbo4", "turbo3p/turbo2.5", "f16"] {
+            let shape = AttentionShape {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 64,
+            };
+            let (d, kvh, sinks, cap) = (64, 2, 4, 40);
+            let format: KvFormat = fmt.parse().unwrap();
+            let mut cache = KvCache::new(
+                &gpu,
+                KvConfig {
+                    n_layer: 1,
+                    n_kv_heads: kvh,
+                    head_dim: d,
+                    capacity: cap,
+                    format,
+                    layer_formats: None,
+                    seed: 9,
+                    sinks,
+                },
+            )
+            .unwrap();
+            let mut rng = Rng::new(77);
+            let total = 12;
+            let mut keys = rng.gauss(total * kvh * d);
+            let mut values = rng.gauss(total * kvh * d);
+            // Token 0 looks like an attention sink: large keys and values.
+            keys[..kvh * d].iter_mut().for_each(|x| *x *= 30.0);
+            values[..kvh * d].iter_mut().for_each(|x| *x *= 30.0);
+            let status = gpu.upload("status", &[0u32, u32::MAX]);
+            let mut done = 0;
+            for n in [3usize, 6, 3] {
+                let ctx = format!("{} {fmt} after {} tokens", gpu.backend_name(), done + n);
+                let first = cache.begin_tokens(&gpu, n).unwrap();
+                let kb = gpu.upload("k", &keys[first * kvh * d..(first + n) * kvh * d]);
+                let vb = gpu.upload("v", &values[first * kvh * d..(first + n) * kvh * d]);
+                let q = rng.gauss(n * shape.n_heads * d);
+                let qb = gpu.upload("q", &q);
+                let out = gpu.zeros::<f32>("out", q.len());
+                let scratch = AttentionScratch::new(&gpu, shape, n, cap);
+                let mut b = gpu.batch("step");
+                cache
+                    .append_into(&gpu, &mut b, 0, first, n, &kb, &vb, &status)
+                    .unwrap();
+                let regions = cache.pages(0);
+                decode_attention_into(&gpu, &mut b, shape, &regions, &qb, n, &scratch, &out)
+                    .unwrap();
+                b.submit();
+                let got = gpu.read_blocking(&out).unwrap();
+                done += n;
+                // Reference: exact sinks, the rest decoded from what the GPU stored.
+                let main = &regions[0];
+                let decode = |codec: &kvpack::codec::gpu::GpuCodec, page| {
+                    let words = gpu.read_blocking(page).unwrap();
+                    codec.codec().decode(&Encoded {
+                        n: kvh * cap,
+                        d,
+                        words,
+                    })
+                };
+                let kd = decode(main.k_codec, main.k_page);
+                let vd = decode(main.v_codec, main.v_page);
+                let (mut kh, mut vh) = (vec![Vec::new(); kvh], vec![Vec::new(); kvh]);
+                for h in 0..kvh {
+                    for t in 0..done {
+                        let exact = |src: &[f32]| src[(t * kvh + h) * d..][..d].to_vec();
+                        let dec = |src: &[f32]| src[(h * cap + t) * d..][..d].to_vec();
+                        kh[h].extend(if t < sinks { exact(&keys) } else { dec(&kd) });
+                        vh[h].extend(if t < sinks { exact(&values) } else { dec(&vd) });
+                    }
+                }
+                let want = reference_attention(shape, &q, n, &kh, &vh, None);
+                for (o, (g, w)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
+                    let scale = w.iter().map(|x| x.abs()).fold(0.0f32, f32::max).max(1e-6);
+                    let err = g
+                        .iter()
+                        .zip(w)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0f32, f32::max);
+                    assert!(
+                        err <= 1e-4 * scale,
+                        "{ctx}: output {o}: error {err:e} vs {scale}"
+                    );
+                }
+            }
         }
     }
 }

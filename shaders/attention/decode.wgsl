@@ -25,6 +25,11 @@ struct Params {
     k_scale_base: u32, // word offset of the K page's scales region
     v_scale_base: u32,
     scale: f32,        // softmax scale, 1/√d
+    total_len: u32,    // 0: query qi is token len − n_q + qi of each head (the main region);
+                       // else it sits at total_len − n_q + qi (a prefix region such as sinks)
+    skip: u32,         // tokens at the start of every head that this region leaves out
+    split_base: u32,   // this dispatch's first split slot in `partials`
+    split_stride: u32, // split slots per (position, head) in `partials`
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -239,8 +244,10 @@ fn main(@builtin(local_invocation_index) lid: u32,
     let first = heads[2u * h];
     let len = heads[2u * h + 1u];
     // Query qi is the token at index len − n_q + qi of its head and sees everything up to it.
-    let visible = select(0u, len + qi + 1u - params.n_q, len + qi + 1u >= params.n_q);
-    let start = split * params.split_len;
+    // Causal: tokens at positions up to the query's own, within this region's `len`.
+    let own = select(len, params.total_len, params.total_len > 0u) + qi + 1u;
+    let visible = min(len, select(0u, own - params.n_q, own >= params.n_q));
+    let start = params.skip + split * params.split_len;
     let end = min(visible, start + params.split_len);
 
     prepare_query((qi * params.n_heads + hq) * D, lid);
@@ -293,7 +300,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
         }
     }
     // Reduce the R partial accumulators of each dimension.
-    let out = ((qi * params.n_heads + hq) * params.n_splits + split) * (2u + 2u * D);
+    let out = ((qi * params.n_heads + hq) * params.split_stride + params.split_base + split) * (2u + 2u * D);
     workgroupBarrier();
     tr[lid] = acc;
     probs[lid] = acc_qjl;

@@ -76,7 +76,7 @@ fn encode_one(v: u32, i: u32, slot: u32, lid: u32) -> bool {
     var bad_local = 0.0;
     for (var j = lid; j < D; j += WG) {
         var ch = j;
-        if (FMT_KIND == 6u) {
+        if (FMT_KIND == 6u || (FMT_KIND == 7u && fmt_aux[0] == 6u)) {
             ch = fmt_aux[fmt_aux[AUX_PERM] + j];
         }
         let x = xs[src + ch];
@@ -88,6 +88,28 @@ fn encode_one(v: u32, i: u32, slot: u32, lid: u32) -> bool {
     var bad = wg_sum(bad_local, lid, WG) > 0.0;
 
     if (FMT_KIND == 0u) {
+        for (var j = lid; j < D; j += WG) {
+            fmt_page[i * cw + j] = select(bitcast<u32>(tw[j]), 0u, bad);
+        }
+    } else if (FMT_KIND == 7u) {
+        // y = H·D·x per part (no normalization, no quantization): the TurboQuant codec's domain.
+        let aux_kind = fmt_aux[0];
+        if (aux_kind >= 4u) {
+            var n = D;
+            if (aux_kind == 6u) {
+                n = D / 2u;
+            }
+            let off_sa = fmt_aux[AUX_SIGNS_A];
+            let off_sb = fmt_aux[AUX_SIGNS_B];
+            for (var j = lid; j < D; j += WG) {
+                if (j < n) {
+                    tw[j] = tw[j] * fmt_aux_f32(off_sa + j);
+                } else {
+                    tw[j] = tw[j] * fmt_aux_f32(off_sb + j - n);
+                }
+            }
+            wht_blocks(lid, WG, n, D);
+        }
         for (var j = lid; j < D; j += WG) {
             fmt_page[i * cw + j] = select(bitcast<u32>(tw[j]), 0u, bad);
         }

@@ -37,6 +37,12 @@ pub struct KvPages<'a> {
     pub max_len: usize,
     /// Optional additive bias per page index (compaction's β).
     pub bias: Option<&'a GpuVec<f32>>,
+    /// Tokens at the start of every head that this region leaves out (another region, such as
+    /// the full-precision attention sinks, holds them).
+    pub skip: usize,
+    /// The value page holds plain f32 in `v_codec`'s rotated domain (written by
+    /// [`GpuCodec::encode_rotated_f32_into`]) rather than `v_codec`'s codes.
+    pub v_rotated_f32: bool,
 }
 
 #[repr(C)]
@@ -50,6 +56,10 @@ struct DecodeParams {
     k_scale_base: u32,
     v_scale_base: u32,
     scale: f32,
+    total_len: u32,
+    skip: u32,
+    split_base: u32,
+    split_stride: u32,
 }
 
 #[repr(C)]
@@ -71,8 +81,9 @@ pub struct AttentionScratch {
 
 impl AttentionScratch {
     /// Scratch for `n_q` positions over contexts up to `max_len` tokens.
+    /// Room is left for one extra region (attention sinks) beside the main one.
     pub fn new(gpu: &Gpu, shape: AttentionShape, n_q: usize, max_len: usize) -> Self {
-        let n_splits = max_len.div_ceil(SPLIT_TOKENS).max(1);
+        let n_splits = max_len.div_ceil(SPLIT_TOKENS).max(1) + 1;
         let floats = n_q * shape.n_heads * n_splits * (2 + 2 * shape.head_dim);
         AttentionScratch {
             partials: gpu.zeros("attention partials", floats),
@@ -80,83 +91,117 @@ impl AttentionScratch {
     }
 }
 
+fn region_splits(kv: &KvPages<'_>) -> usize {
+    kv.max_len
+        .saturating_sub(kv.skip)
+        .div_ceil(SPLIT_TOKENS)
+        .max(1)
+}
+
 /// Record attention of `n_q` query positions (`q`: n_q × n_heads × head_dim, the last `n_q` tokens
-/// of every head, causal) over the compressed pages, writing `out` (same shape as `q`).
+/// of the cache, causal) over one or more regions of compressed pages, writing `out` (same shape
+/// as `q`). `regions[0]` is the main cache, whose `max_len` is the cache's length; further regions
+/// (the full-precision attention sinks) hold tokens the main one skips, with values in the main
+/// region's value domain. The softmax spans all regions: each writes split-K partials that one
+/// combine merges, with one inverse rotation per output.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention_into(
     gpu: &Gpu,
     batch: &mut Batch<'_>,
     shape: AttentionShape,
-    kv: &KvPages<'_>,
+    regions: &[KvPages<'_>],
     q: &GpuVec<f32>,
     n_q: usize,
     scratch: &AttentionScratch,
     out: &GpuVec<f32>,
 ) -> Result<(), GpuError> {
     let d = shape.head_dim;
-    let n_splits = kv.max_len.div_ceil(SPLIT_TOKENS).max(1);
-    let need = n_q * shape.n_heads * n_splits * (2 + 2 * d);
+    let main = regions
+        .first()
+        .ok_or_else(|| GpuError::Invalid("attention needs at least one KV region".into()))?;
+    let stride: usize = regions.iter().map(region_splits).sum();
+    let need = n_q * shape.n_heads * stride * (2 + 2 * d);
     if scratch.partials.len() < need {
         return Err(GpuError::Invalid(format!(
             "attention scratch holds {} floats, {need} needed: make it for max_len {}",
             scratch.partials.len(),
-            kv.max_len
+            main.max_len
         )));
     }
     let wg = d.max(128);
-    let mut constants = vec![
-        ("D", d as f64),
-        ("WG", wg as f64),
-        ("HAS_BIAS", if kv.bias.is_some() { 1.0 } else { 0.0 }),
-    ];
-    let k_format = kv.k_codec.codec().format();
-    let v_format = kv.v_codec.codec().format();
-    constants.extend(format_constants("K_", &k_format));
-    constants.extend(format_constants("", &v_format));
-    let kernel = gpu.pipeline(
-        "attention/decode",
-        "main",
-        &constants,
-        &[
-            Binding::Uniform,
-            Binding::READ,
-            Binding::READ,
-            Binding::READ,
-            Binding::READ,
-            Binding::READ,
-            Binding::READ,
-            Binding::READ,
-            Binding::RW,
-        ],
-    )?;
-    let params = DecodeParams {
-        n_q: n_q as u32,
-        n_heads: shape.n_heads as u32,
-        group: (shape.n_heads / shape.n_kv_heads) as u32,
-        n_splits: n_splits as u32,
-        split_len: SPLIT_TOKENS as u32,
-        k_scale_base: scale_base(&k_format, d, kv.capacity) as u32,
-        v_scale_base: scale_base(&v_format, d, kv.capacity) as u32,
-        scale: 1.0 / (d as f32).sqrt(),
-    };
-    let ub = gpu.uniform("attention params", &params);
-    // The bias binding must be bound even when unused; the page is a harmless stand-in.
-    let bias = kv.bias.map(|b| b.buffer()).unwrap_or(kv.k_page.buffer());
-    batch.dispatch(
-        &kernel,
-        &[
-            &ub,
-            q.buffer(),
-            kv.k_page.buffer(),
-            kv.k_codec.aux().buffer(),
-            kv.v_page.buffer(),
-            kv.v_codec.aux().buffer(),
-            kv.heads.buffer(),
-            bias,
-            scratch.partials.buffer(),
-        ],
-        grid((n_q * shape.n_heads * n_splits) as u32),
-    );
+    let mut split_base = 0;
+    for kv in regions {
+        let n_splits = region_splits(kv);
+        let mut constants = vec![
+            ("D", d as f64),
+            ("WG", wg as f64),
+            ("HAS_BIAS", if kv.bias.is_some() { 1.0 } else { 0.0 }),
+        ];
+        let k_format = kv.k_codec.codec().format();
+        let v_format = kv.v_codec.codec().format();
+        constants.extend(format_constants("K_", &k_format));
+        if kv.v_rotated_f32 {
+            constants.extend([("FMT_KIND", 7.0), ("FMT_BITS_A", 0.0), ("FMT_BITS_B", 0.0)]);
+        } else {
+            constants.extend(format_constants("", &v_format));
+        }
+        let kernel = gpu.pipeline(
+            "attention/decode",
+            "main",
+            &constants,
+            &[
+                Binding::Uniform,
+                Binding::READ,
+                Binding::READ,
+                Binding::READ,
+                Binding::READ,
+                Binding::READ,
+                Binding::READ,
+                Binding::READ,
+                Binding::RW,
+            ],
+        )?;
+        let params = DecodeParams {
+            n_q: n_q as u32,
+            n_heads: shape.n_heads as u32,
+            group: (shape.n_heads / shape.n_kv_heads) as u32,
+            n_splits: n_splits as u32,
+            split_len: SPLIT_TOKENS as u32,
+            k_scale_base: scale_base(&k_format, d, kv.capacity) as u32,
+            v_scale_base: scale_base(&v_format, d, kv.capacity) as u32,
+            scale: 1.0 / (d as f32).sqrt(),
+            // The main region's queries are the last n_q tokens of each (possibly ragged) head;
+            // a prefix region (sinks) places them after the main region's length.
+            total_len: if std::ptr::eq(kv, main) {
+                0
+            } else {
+                main.max_len as u32
+            },
+            skip: kv.skip as u32,
+            split_base: split_base as u32,
+            split_stride: stride as u32,
+        };
+        split_base += n_splits;
+        let ub = gpu.uniform("attention params", &params);
+        // The bias binding must be bound even when unused; the page is a harmless stand-in.
+        let bias = kv.bias.map(|b| b.buffer()).unwrap_or(kv.k_page.buffer());
+        batch.dispatch(
+            &kernel,
+            &[
+                &ub,
+                q.buffer(),
+                kv.k_page.buffer(),
+                kv.k_codec.aux().buffer(),
+                kv.v_page.buffer(),
+                kv.v_codec.aux().buffer(),
+                kv.heads.buffer(),
+                bias,
+                scratch.partials.buffer(),
+            ],
+            grid((n_q * shape.n_heads * n_splits) as u32),
+        );
+    }
+    let v_format = main.v_codec.codec().format();
     let mut cconst = vec![("D", d as f64), ("WG", d.clamp(32, 256) as f64)];
     cconst.extend(format_constants("", &v_format));
     let combine = gpu.pipeline(
@@ -174,7 +219,7 @@ pub fn decode_attention_into(
     let cp = CombineParams {
         n_q: n_q as u32,
         n_heads: shape.n_heads as u32,
-        n_splits: n_splits as u32,
+        n_splits: stride as u32,
         _pad: 0,
     };
     let cub = gpu.uniform("combine params", &cp);
@@ -183,8 +228,8 @@ pub fn decode_attention_into(
         &[
             &cub,
             scratch.partials.buffer(),
-            kv.v_page.buffer(),
-            kv.v_codec.aux().buffer(),
+            main.v_page.buffer(),
+            main.v_codec.aux().buffer(),
             out.buffer(),
         ],
         grid((n_q * shape.n_heads) as u32),

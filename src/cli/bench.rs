@@ -223,9 +223,20 @@ fn kernels(
                 heads: &heads,
                 max_len: ctx,
                 bias: None,
+                skip: 0,
+                v_rotated_f32: false,
             };
             let ms = median_ms(&gpu, reps, |b| {
-                decode_attention_into(&gpu, b, shape, &kv, &q, 1, &scratch, &out)?;
+                decode_attention_into(
+                    &gpu,
+                    b,
+                    shape,
+                    std::slice::from_ref(&kv),
+                    &q,
+                    1,
+                    &scratch,
+                    &out,
+                )?;
                 Ok(())
             })?;
             let bytes = (kp.bytes() + vp.bytes()) as f64;

@@ -17,6 +17,9 @@ pub struct ChatArgs {
     /// KV cache format (see `kvpack generate --help`).
     #[arg(long, default_value = "turbo4")]
     kv: String,
+    /// The first N tokens (attention sinks) are also kept in full precision.
+    #[arg(long, default_value_t = 4)]
+    sinks: usize,
     /// Tokens the conversation can hold.
     #[arg(long, default_value_t = 2048)]
     context: usize,
@@ -46,7 +49,7 @@ pub fn run(gpu_args: &GpuArgs, a: ChatArgs) -> Result<()> {
     let loaded = a.model.load(&gpu, false)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     kv.validate_dim(model.config.head_dim)?;
-    let mut session = Session::new(&gpu, model, kv, None, a.context)?;
+    let mut session = Session::new(&gpu, model, kv, None, a.context, a.sinks)?;
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
     let special = EncodeOptions {
         parse_special: true,
@@ -83,7 +86,7 @@ pub fn run(gpu_args: &GpuArgs, a: ChatArgs) -> Result<()> {
                 continue;
             }
             "/reset" => {
-                session = Session::new(&gpu, model, kv, None, a.context)?;
+                session = Session::new(&gpu, model, kv, None, a.context, a.sinks)?;
                 pending = format!("<|im_start|>system\n{}<|im_end|>\n", a.system);
                 eprintln!("(new conversation)");
                 continue;

@@ -91,6 +91,9 @@ pub struct GenerateArgs {
     /// Wrap the prompt in the model's ChatML template (system + user turn).
     #[arg(long)]
     chat: bool,
+    /// The first N tokens (attention sinks) are also kept in full precision (0: none).
+    #[arg(long, default_value_t = 4)]
+    sinks: usize,
     /// Tokens the cache can hold (prompt + generated).
     #[arg(long, default_value_t = 2048)]
     context: usize,
@@ -138,7 +141,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             a.context
         );
     }
-    let mut session = Session::new(&gpu, model, kv, None, a.context)?;
+    let mut session = Session::new(&gpu, model, kv, None, a.context, a.sinks)?;
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
 
     let t0 = Instant::now();

@@ -32,6 +32,10 @@ pub struct PplArgs {
     /// chunk (llama.cpp's llama-perplexity protocol). Without it: one context, every token scored.
     #[arg(long)]
     chunks: Option<usize>,
+    /// The first N tokens (attention sinks) are also kept in full precision (0: none, the
+    /// paper-faithful cache).
+    #[arg(long, default_value_t = 0)]
+    sinks: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -118,7 +122,7 @@ pub fn run(gpu_args: &GpuArgs, a: PplArgs) -> Result<()> {
         let mut ref_top = Vec::new();
         for (fi, f) in formats.iter().enumerate() {
             bar.set_message(f.to_string());
-            let mut session = Session::new(&gpu, &loaded.model, *f, None, a.tokens)?;
+            let mut session = Session::new(&gpu, &loaded.model, *f, None, a.tokens, a.sinks)?;
             let logits = pollster::block_on(session.forward(&gpu, toks, Logits::All))?;
             let v = logits.len() / toks.len();
             debug_assert!(v >= vocab.min(v));

@@ -176,6 +176,65 @@ impl GpuCodec {
         Ok(())
     }
 
+    /// Record the write of `a.n` vectors as plain f32 in this codec's rotated domain (H·D·x per
+    /// part; identity for non-TurboQuant formats) into a page of `d` words per vector: the
+    /// full-precision tokens (attention sinks) that attention combines with this codec's page.
+    pub fn encode_rotated_f32_into(
+        &self,
+        gpu: &Gpu,
+        batch: &mut Batch<'_>,
+        a: &EncodeArgs<'_>,
+    ) -> Result<(), GpuError> {
+        if a.n == 0 {
+            return Ok(());
+        }
+        let (bits_a, bits_b) = match format_constants("", &self.codec.format()) {
+            [_, (_, a), (_, b)] => (a, b),
+        };
+        let constants = [
+            ("D", self.d() as f64),
+            ("WG", self.wg() as f64),
+            ("FMT_KIND", 7.0),
+            ("FMT_BITS_A", bits_a),
+            ("FMT_BITS_B", bits_b),
+        ];
+        let kernel = gpu.pipeline(
+            "codec/encode",
+            "main",
+            &constants,
+            &[
+                Binding::Uniform,
+                Binding::READ,
+                Binding::RW,
+                Binding::READ,
+                Binding::RW,
+            ],
+        )?;
+        let params = EncodeParams {
+            n: a.n as u32,
+            dst_first: a.dst_first as u32,
+            scale_base: (a.capacity * self.d()) as u32,
+            src_offset: a.src_offset as u32,
+            src_stride: a.src_stride as u32,
+            _pad: [0; 3],
+        };
+        let ub = gpu.uniform("encode params", &params);
+        let first_pair = a.dst_first / 2;
+        let last_pair = (a.dst_first + a.n - 1) / 2;
+        batch.dispatch(
+            &kernel,
+            &[
+                &ub,
+                a.xs.buffer(),
+                a.page.buffer(),
+                self.aux.buffer(),
+                a.status.buffer(),
+            ],
+            grid((last_pair - first_pair + 1) as u32),
+        );
+        Ok(())
+    }
+
     /// Record a decode of page vectors `[first, first + n)` into `out` (n × d floats).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_into(

@@ -51,6 +51,9 @@ pub struct KvConfig {
     pub layer_formats: Option<Vec<KvFormat>>,
     /// Seed of the rotations; each layer's keys and values get their own stream.
     pub seed: u64,
+    /// The first `sinks` tokens (attention sinks) are also kept in full precision (f32), and
+    /// attention reads them from there: quantizing them can derail a small model.
+    pub sinks: usize,
 }
 
 impl KvConfig {
@@ -68,6 +71,8 @@ struct LayerCache {
     v: GpuCodec,
     k_page: GpuVec<u32>,
     v_page: GpuVec<u32>,
+    sink_k_page: GpuVec<u32>,
+    sink_v_page: GpuVec<u32>,
 }
 
 /// A compressed KV cache on the GPU.
@@ -75,6 +80,8 @@ pub struct KvCache {
     config: KvConfig,
     layers: Vec<LayerCache>,
     heads: GpuVec<u32>,
+    sink_k: GpuCodec,
+    sink_heads: GpuVec<u32>,
     len: usize,
 }
 
@@ -99,18 +106,25 @@ impl KvCache {
             let seed = config.seed.wrapping_add(2 * l as u64 * 0x9E37_79B9);
             let k = GpuCodec::new(gpu, Codec::with_seed(f.k, d, seed)?);
             let v = GpuCodec::new(gpu, Codec::with_seed(f.v, d, seed + 1)?);
+            let sink_words = (config.n_kv_heads * config.sinks * d).max(1);
             layers.push(LayerCache {
                 k_page: gpu.zeros(&format!("k page {l}"), page_words(&f.k, d, slots)),
                 v_page: gpu.zeros(&format!("v page {l}"), page_words(&f.v, d, slots)),
+                sink_k_page: gpu.zeros(&format!("sink k page {l}"), sink_words),
+                sink_v_page: gpu.zeros(&format!("sink v page {l}"), sink_words),
                 k,
                 v,
             });
         }
         let heads = gpu.zeros("kv heads", 2 * config.n_kv_heads);
+        let sink_heads = gpu.zeros("kv sink heads", 2 * config.n_kv_heads);
+        let sink_k = GpuCodec::new(gpu, Codec::with_seed(crate::codec::VecFormat::F32, d, 0)?);
         let cache = KvCache {
             config,
             layers,
             heads,
+            sink_k,
+            sink_heads,
             len: 0,
         };
         cache.write_heads(gpu, 0);
@@ -137,6 +151,15 @@ impl KvCache {
             .flat_map(|h| [(h * self.config.capacity) as u32, len as u32])
             .collect();
         self.heads.write(gpu, &table);
+        let sinks: Vec<u32> = (0..self.config.n_kv_heads)
+            .flat_map(|h| {
+                [
+                    (h * self.config.sinks) as u32,
+                    len.min(self.config.sinks) as u32,
+                ]
+            })
+            .collect();
+        self.sink_heads.write(gpu, &sinks);
     }
 
     /// Make room for `n` more tokens: the heads table already counts them (attention recorded
@@ -189,23 +212,60 @@ impl KvCache {
                     },
                 )?;
             }
+            // Tokens among the first `sinks` also go to the full-precision pages: keys plain,
+            // values in the value codec's rotated domain (attention sums them with the page's).
+            let n_sink = c.sinks.min(first + n).saturating_sub(first);
+            if n_sink > 0 {
+                let args = |xs, page| EncodeArgs {
+                    xs,
+                    src_offset: h * c.head_dim,
+                    src_stride: c.n_kv_heads * c.head_dim,
+                    n: n_sink,
+                    page,
+                    capacity: c.n_kv_heads * c.sinks,
+                    dst_first: h * c.sinks + first,
+                    status,
+                };
+                self.sink_k
+                    .encode_into(gpu, batch, &args(k, &lc.sink_k_page))?;
+                lc.v.encode_rotated_f32_into(gpu, batch, &args(v, &lc.sink_v_page))?;
+            }
         }
         Ok(())
     }
 
-    /// Layer `layer`'s pages, for attention.
-    pub fn pages(&self, layer: usize) -> KvPages<'_> {
+    /// Layer `layer`'s regions, for attention: the compressed pages (past the sinks), then the
+    /// full-precision sinks when the cache keeps any.
+    pub fn pages(&self, layer: usize) -> Vec<KvPages<'_>> {
         let lc = &self.layers[layer];
-        KvPages {
+        let c = &self.config;
+        let mut regions = vec![KvPages {
             k_codec: &lc.k,
             v_codec: &lc.v,
             k_page: &lc.k_page,
             v_page: &lc.v_page,
-            capacity: self.config.n_kv_heads * self.config.capacity,
+            capacity: c.n_kv_heads * c.capacity,
             heads: &self.heads,
             max_len: self.len,
             bias: None,
+            skip: c.sinks,
+            v_rotated_f32: false,
+        }];
+        if c.sinks > 0 {
+            regions.push(KvPages {
+                k_codec: &self.sink_k,
+                v_codec: &lc.v,
+                k_page: &lc.sink_k_page,
+                v_page: &lc.sink_v_page,
+                capacity: c.n_kv_heads * c.sinks,
+                heads: &self.sink_heads,
+                max_len: self.len.min(c.sinks),
+                bias: None,
+                skip: 0,
+                v_rotated_f32: true,
+            });
         }
+        regions
     }
 
     /// Exact bytes that the stored tokens occupy: codes plus scales of every stored vector, in
@@ -219,7 +279,14 @@ impl KvCache {
                 let bits = (f.k.bits_per_value(d) + f.v.bits_per_value(d)) * d as f64;
                 (bits * (per_head_tokens * self.config.n_kv_heads) as f64 / 8.0).ceil() as u64
             })
-            .sum()
+            .sum::<u64>()
+            + self.sink_bytes()
+    }
+
+    /// Bytes of the full-precision sink copies (f32 keys and values).
+    pub fn sink_bytes(&self) -> u64 {
+        let c = &self.config;
+        (c.n_layer * c.n_kv_heads * self.len.min(c.sinks) * 2 * c.head_dim * 4) as u64
     }
 
     /// Bytes an f16 cache would need for the same tokens.

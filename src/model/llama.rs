@@ -158,13 +158,15 @@ pub enum Logits {
 }
 
 impl<'m> Session<'m> {
-    /// A session whose cache holds `capacity` tokens in `format` (per-layer formats optional).
+    /// A session whose cache holds `capacity` tokens in `format` (per-layer formats optional),
+    /// the first `sinks` tokens also kept in full precision.
     pub fn new(
         gpu: &Gpu,
         model: &'m Llama,
         format: KvFormat,
         layer_formats: Option<Vec<KvFormat>>,
         capacity: usize,
+        sinks: usize,
     ) -> Result<Session<'m>, ModelError> {
         let c = &model.config;
         let cache = KvCache::new(
@@ -177,6 +179,7 @@ impl<'m> Session<'m> {
                 format,
                 layer_formats,
                 seed: 0x6b76_7061_636b,
+                sinks,
             },
         )?;
         let kv_dim = c.n_head_kv * c.head_dim;
