@@ -135,45 +135,8 @@ impl GpuCodec {
         batch: &mut Batch<'_>,
         a: &EncodeArgs<'_>,
     ) -> Result<(), GpuError> {
-        if a.n == 0 {
-            return Ok(());
-        }
-        let format = self.codec.format();
-        let kernel = gpu.pipeline(
-            "codec/encode",
-            "main",
-            &self.constants(self.wg()),
-            &[
-                Binding::Uniform,
-                Binding::READ,
-                Binding::RW,
-                Binding::READ,
-                Binding::RW,
-            ],
-        )?;
-        let params = EncodeParams {
-            n: a.n as u32,
-            dst_first: a.dst_first as u32,
-            scale_base: scale_base(&format, self.d(), a.capacity) as u32,
-            src_offset: a.src_offset as u32,
-            src_stride: a.src_stride as u32,
-            _pad: [0; 3],
-        };
-        let ub = gpu.uniform("encode params", &params);
-        let first_pair = a.dst_first / 2;
-        let last_pair = (a.dst_first + a.n - 1) / 2;
-        batch.dispatch(
-            &kernel,
-            &[
-                &ub,
-                a.xs.buffer(),
-                a.page.buffer(),
-                self.aux.buffer(),
-                a.status.buffer(),
-            ],
-            grid((last_pair - first_pair + 1) as u32),
-        );
-        Ok(())
+        let scales = scale_base(&self.codec.format(), self.d(), a.capacity);
+        self.dispatch_encode(gpu, batch, &self.constants(self.wg()), scales, a)
     }
 
     /// Record the write of `a.n` vectors as plain f32 in this codec's rotated domain (H·D·x per
@@ -185,23 +148,28 @@ impl GpuCodec {
         batch: &mut Batch<'_>,
         a: &EncodeArgs<'_>,
     ) -> Result<(), GpuError> {
+        let mut constants = self.constants(self.wg());
+        // Kind 7 keeps the format's bits (which tell a split format) and its aux (signs, perm).
+        constants.retain(|(k, _)| *k != "FMT_KIND");
+        constants.push(("FMT_KIND", 7.0));
+        self.dispatch_encode(gpu, batch, &constants, a.capacity * self.d(), a)
+    }
+
+    fn dispatch_encode(
+        &self,
+        gpu: &Gpu,
+        batch: &mut Batch<'_>,
+        constants: &[(&str, f64)],
+        scale_base_words: usize,
+        a: &EncodeArgs<'_>,
+    ) -> Result<(), GpuError> {
         if a.n == 0 {
             return Ok(());
         }
-        let (bits_a, bits_b) = match format_constants("", &self.codec.format()) {
-            [_, (_, a), (_, b)] => (a, b),
-        };
-        let constants = [
-            ("D", self.d() as f64),
-            ("WG", self.wg() as f64),
-            ("FMT_KIND", 7.0),
-            ("FMT_BITS_A", bits_a),
-            ("FMT_BITS_B", bits_b),
-        ];
         let kernel = gpu.pipeline(
             "codec/encode",
             "main",
-            &constants,
+            constants,
             &[
                 Binding::Uniform,
                 Binding::READ,
@@ -213,7 +181,7 @@ impl GpuCodec {
         let params = EncodeParams {
             n: a.n as u32,
             dst_first: a.dst_first as u32,
-            scale_base: (a.capacity * self.d()) as u32,
+            scale_base: scale_base_words as u32,
             src_offset: a.src_offset as u32,
             src_stride: a.src_stride as u32,
             _pad: [0; 3],
