@@ -203,7 +203,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             model.weights_gpu_bytes() as f64 / 1e6
         );
         eprintln!(
-            "KV cache:        {} bytes for {} tokens in {kv} ({:.2} bits/value); an f16 cache needs {} bytes: {:.2}x smaller",
+            "KV cache:        {} bytes for {} tokens in {kv} ({:.2} bits/value); an f16 cache needs {} bytes (f16 / this = {:.2}x)",
             cache.bytes(), cache.len(), cache.bits_per_value(), cache.bytes_f16(),
             cache.bytes_f16() as f64 / cache.bytes().max(1) as f64
         );
