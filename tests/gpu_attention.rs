@@ -23,6 +23,22 @@ const PAIRS: &[(&str, &str)] = &[
     ("q8_0", "turbo4"),
 ];
 
+/// Every output row of `got` within 1e-4 of `want`, relative to the row's largest value.
+fn assert_rows_close(ctx: &str, got: &[f32], want: &[f32], d: usize) {
+    for (o, (g, w)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
+        let scale = w.iter().map(|x| x.abs()).fold(0.0f32, f32::max).max(1e-6);
+        let err = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            err <= 1e-4 * scale,
+            "{ctx}: output {o}: max error {err:e} relative to {scale}"
+        );
+    }
+}
+
 fn run_case(
     gpu: &kvpack::gpu::Gpu,
     kf: &str,
@@ -107,18 +123,7 @@ fn run_case(
     .unwrap();
     b.submit();
     let got = gpu.read_blocking(&out).unwrap();
-    for (o, (g, w)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
-        let scale = w.iter().map(|x| x.abs()).fold(0.0f32, f32::max).max(1e-6);
-        let err = g
-            .iter()
-            .zip(w)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        assert!(
-            err <= 1e-4 * scale,
-            "{ctx}: output {o}: max error {err:e} relative to {scale}"
-        );
-    }
+    assert_rows_close(&ctx, &got, &want, d);
 }
 
 #[test]
@@ -219,18 +224,7 @@ fn cache_with_full_precision_sinks_matches_reference() {
                     }
                 }
                 let want = reference_attention(shape, &q, n, &kh, &vh, None);
-                for (o, (g, w)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
-                    let scale = w.iter().map(|x| x.abs()).fold(0.0f32, f32::max).max(1e-6);
-                    let err = g
-                        .iter()
-                        .zip(w)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0.0f32, f32::max);
-                    assert!(
-                        err <= 1e-4 * scale,
-                        "{ctx}: output {o}: error {err:e} vs {scale}"
-                    );
-                }
+                assert_rows_close(&ctx, &got, &want, d);
             }
         }
     }

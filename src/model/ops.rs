@@ -561,6 +561,32 @@ struct LenParams {
     _pad: [u32; 3],
 }
 
+/// Record an elementwise kernel over `n` values: a `LenParams` uniform at binding 0, then
+/// `buffers` with the given bindings.
+fn elementwise(
+    gpu: &Gpu,
+    batch: &mut Batch<'_>,
+    shader: &str,
+    bindings: &[Binding],
+    buffers: &[&wgpu::Buffer],
+    n: usize,
+) -> Result<(), OpsError> {
+    let mut layout = vec![Binding::Uniform];
+    layout.extend_from_slice(bindings);
+    let kernel = gpu.pipeline(shader, "main", &[("WG", WG_ROW as f64)], &layout)?;
+    let ub = gpu.uniform(
+        shader,
+        &LenParams {
+            n: n as u32,
+            _pad: [0; 3],
+        },
+    );
+    let mut all = vec![&ub];
+    all.extend_from_slice(buffers);
+    batch.dispatch(&kernel, &all, elementwise_grid(n));
+    Ok(())
+}
+
 /// Record `out = silu(gate) · up` over `n` values, `silu(g) = g / (1 + e^−g)`.
 pub fn swiglu_into(
     gpu: &Gpu,
@@ -577,25 +603,14 @@ pub fn swiglu_into(
     check_len(OP, "gate", gate.len(), n)?;
     check_len(OP, "up", up.len(), n)?;
     check_len(OP, "out", out.len(), n)?;
-    let kernel = gpu.pipeline(
+    elementwise(
+        gpu,
+        batch,
         "model/swiglu",
-        "main",
-        &[("WG", WG_ROW as f64)],
-        &[Binding::Uniform, Binding::READ, Binding::READ, Binding::RW],
-    )?;
-    let ub = gpu.uniform(
-        "swiglu params",
-        &LenParams {
-            n: n as u32,
-            _pad: [0; 3],
-        },
-    );
-    batch.dispatch(
-        &kernel,
-        &[&ub, gate.buffer(), up.buffer(), out.buffer()],
-        elementwise_grid(n),
-    );
-    Ok(())
+        &[Binding::READ, Binding::READ, Binding::RW],
+        &[gate.buffer(), up.buffer(), out.buffer()],
+        n,
+    )
 }
 
 /// CPU reference of [`swiglu_into`].
@@ -623,21 +638,14 @@ pub fn add_into(
     }
     check_len(OP, "x", x.len(), n)?;
     check_len(OP, "y", y.len(), n)?;
-    let kernel = gpu.pipeline(
+    elementwise(
+        gpu,
+        batch,
         "model/add",
-        "main",
-        &[("WG", WG_ROW as f64)],
-        &[Binding::Uniform, Binding::RW, Binding::READ],
-    )?;
-    let ub = gpu.uniform(
-        "add params",
-        &LenParams {
-            n: n as u32,
-            _pad: [0; 3],
-        },
-    );
-    batch.dispatch(&kernel, &[&ub, x.buffer(), y.buffer()], elementwise_grid(n));
-    Ok(())
+        &[Binding::RW, Binding::READ],
+        &[x.buffer(), y.buffer()],
+        n,
+    )
 }
 
 /// CPU reference of [`add_into`], in place.
