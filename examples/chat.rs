@@ -6,9 +6,10 @@
 //! ```
 
 use kvpack::gpu::{Gpu, GpuOptions};
-use kvpack::model::llama::{Llama, Logits, Session};
+use kvpack::model::generate::generate;
+use kvpack::model::llama::{Llama, Session};
 use kvpack::model::sampler::Sampler;
-use kvpack::model::{EncodeOptions, GgufFile, StreamDecoder, Tokenizer};
+use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
 use std::io::{BufRead, Write};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -37,18 +38,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ids.extend(tok.encode_with("<|im_start|>user\n", special));
         ids.extend(tok.encode_with(&line?, EncodeOptions::default()));
         ids.extend(tok.encode_with("<|im_end|>\n<|im_start|>assistant\n", special));
-        let mut logits = pollster::block_on(session.forward(&gpu, &ids, Logits::Last))?;
-        let mut text = StreamDecoder::new();
-        loop {
-            let id = sampler.sample(&logits);
-            logits = pollster::block_on(session.forward(&gpu, &[id], Logits::Last))?;
-            if tok.is_end_of_generation(id) || session.len() + 64 > 2048 {
-                break;
-            }
-            print!("{}", text.push(&tok, id));
-            std::io::stdout().flush()?;
-        }
-        println!("{}", text.finish());
+        let room = 2048usize.saturating_sub(session.len() + ids.len());
+        pollster::block_on(generate(
+            &gpu,
+            &mut session,
+            &tok,
+            &ids,
+            &mut sampler,
+            room.min(256),
+            |piece| {
+                print!("{piece}");
+                std::io::stdout().flush().is_ok()
+            },
+        ))?;
+        println!();
         ids = tok.encode_with("\n", special);
         let c = session.cache();
         eprintln!(

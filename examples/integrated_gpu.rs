@@ -7,9 +7,10 @@
 
 use kvpack::codec::KvFormat;
 use kvpack::gpu::{Gpu, GpuOptions, Power};
-use kvpack::model::llama::{Llama, Logits, Session};
+use kvpack::model::generate::generate;
+use kvpack::model::llama::{Llama, Session};
 use kvpack::model::sampler::Sampler;
-use kvpack::model::{EncodeOptions, GgufFile, StreamDecoder, Tokenizer};
+use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let budget_mb: f64 = std::env::args().nth(1).map_or(Ok(24.0), |s| s.parse())?;
@@ -56,17 +57,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "Integrated GPUs are useful because",
         EncodeOptions::default(),
     );
-    let mut logits = pollster::block_on(session.forward(&gpu, &prompt, Logits::Last))?;
-    let (mut sampler, mut text) = (Sampler::greedy(), StreamDecoder::new());
     print!("Integrated GPUs are useful because");
-    for _ in 0..24 {
-        let id = sampler.sample(&logits);
-        if tok.is_end_of_generation(id) {
-            break;
-        }
-        print!("{}", text.push(&tok, id));
-        logits = pollster::block_on(session.forward(&gpu, &[id], Logits::Last))?;
-    }
-    println!("{}", text.finish());
+    let g = pollster::block_on(generate(
+        &gpu,
+        &mut session,
+        &tok,
+        &prompt,
+        &mut Sampler::greedy(),
+        24,
+        |piece| {
+            print!("{piece}");
+            true
+        },
+    ))?;
+    println!();
+    println!(
+        "decode {:.2} tok/s, KV {} bytes",
+        g.decode_tok_s(),
+        session.cache().bytes()
+    );
     Ok(())
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what it needs, then checks formatting, lints,
 # cross-target builds and runs every test. GPU tests run for real on lavapipe (Vulkan) and
-# llvmpipe (OpenGL); a missing adapter fails them. Usage: scripts/test.sh
+# llvmpipe (OpenGL); a missing adapter fails them. Last, the browser test: the page in headless
+# Chromium (WebGPU) must generate the native engine's tokens (scripts/web.sh test). Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+cargo clippy -p kvpack-web --target wasm32-unknown-unknown -- -D warnings
 for t in "${TARGETS[@]}"; do
   echo "== cargo check --target $t"
   cargo check --lib --no-default-features --target "$t"
@@ -46,3 +48,5 @@ done
 echo "== cargo test (GPU backends: $KVPACK_TEST_BACKENDS)"
 cargo test --all-targets
 cargo test --doc
+echo "== browser test (headless Chromium, WebGPU)"
+scripts/web.sh test

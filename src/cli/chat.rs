@@ -5,9 +5,10 @@ use super::GpuArgs;
 use anyhow::Result;
 use clap::Args;
 use kvpack::codec::KvFormat;
-use kvpack::model::llama::{Logits, Session};
+use kvpack::model::generate::generate;
+use kvpack::model::llama::Session;
 use kvpack::model::sampler::Sampler;
-use kvpack::model::{EncodeOptions, StreamDecoder};
+use kvpack::model::EncodeOptions;
 use std::io::{BufRead, Write};
 
 #[derive(Args)]
@@ -38,7 +39,7 @@ pub struct ChatArgs {
     /// System prompt.
     #[arg(
         long,
-        default_value = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        default_value = kvpack::model::generate::DEFAULT_SYSTEM
     )]
     system: String,
 }
@@ -63,7 +64,6 @@ pub fn run(gpu_args: &GpuArgs, a: ChatArgs) -> Result<()> {
         gpu.backend_name()
     );
     let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
     loop {
         eprint!("> ");
         let mut line = String::new();
@@ -106,20 +106,20 @@ pub fn run(gpu_args: &GpuArgs, a: ChatArgs) -> Result<()> {
             );
             continue;
         }
-        let mut logits = pollster::block_on(session.forward(&gpu, &ids, Logits::Last))?;
-        let mut stream = StreamDecoder::new();
-        let mut ended = false;
-        for _ in 0..a.max_tokens {
-            let id = sampler.sample(&logits);
-            logits = pollster::block_on(session.forward(&gpu, &[id], Logits::Last))?;
-            if tok.is_end_of_generation(id) {
-                ended = true;
-                break;
-            }
-            write!(out, "{}", stream.push(tok, id))?;
-            out.flush()?;
-        }
-        writeln!(out, "{}", stream.finish())?;
+        let g = pollster::block_on(generate(
+            &gpu,
+            &mut session,
+            tok,
+            &ids,
+            &mut sampler,
+            a.max_tokens,
+            |piece| {
+                print!("{piece}");
+                std::io::stdout().flush().is_ok()
+            },
+        ))?;
+        println!();
+        let ended = g.ended;
         // Close the turn in the cache so the next one follows the template.
         pending = if ended {
             "\n".into()

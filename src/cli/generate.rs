@@ -5,12 +5,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvpack::codec::KvFormat;
 use kvpack::gpu::Gpu;
-use kvpack::model::llama::{Llama, Logits, Session};
+use kvpack::model::generate::{chat_prompt, generate, DEFAULT_SYSTEM};
+use kvpack::model::llama::{Llama, Session};
 use kvpack::model::sampler::Sampler;
-use kvpack::model::{EncodeOptions, GgufFile, StreamDecoder, Tokenizer};
+use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// Model selection, shared by the commands that run a model.
 #[derive(Args, Clone)]
@@ -102,13 +102,6 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-pub fn chat_prompt(user: &str) -> String {
-    format!(
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
-         <|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-    )
-}
-
 pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
     let kv: KvFormat = a.kv.parse()?;
     if a.prompt.is_empty() {
@@ -119,7 +112,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     kv.validate_dim(model.config.head_dim)?;
     let text = if a.chat {
-        chat_prompt(&a.prompt)
+        chat_prompt(DEFAULT_SYSTEM, &a.prompt)
     } else {
         a.prompt.clone()
     };
@@ -144,43 +137,31 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
     let mut session = Session::new(&gpu, model, kv, None, a.context, a.sinks)?;
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
 
-    let t0 = Instant::now();
-    let mut logits = pollster::block_on(session.forward(&gpu, &prompt_ids, Logits::Last))?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let mut out_ids = Vec::new();
-    let mut stream = StreamDecoder::new();
-    let mut text_out = String::new();
     let stdout = std::io::stdout();
     if !a.json {
         print!("{}", a.prompt);
         stdout.lock().flush().ok();
     }
-    let t1 = Instant::now();
-    for i in 0..a.max_tokens {
-        let id = sampler.sample(&logits);
-        if tok.is_end_of_generation(id) {
-            break;
-        }
-        out_ids.push(id);
-        let piece = stream.push(tok, id);
-        text_out.push_str(&piece);
-        if !a.json {
-            print!("{piece}");
-            stdout.lock().flush().ok();
-        }
-        if i + 1 < a.max_tokens {
-            logits = pollster::block_on(session.forward(&gpu, &[id], Logits::Last))?;
-        }
-    }
-    let tail = stream.finish();
-    text_out.push_str(&tail);
-    let decode_s = t1.elapsed().as_secs_f64();
+    let g = pollster::block_on(generate(
+        &gpu,
+        &mut session,
+        tok,
+        &prompt_ids,
+        &mut sampler,
+        a.max_tokens,
+        |piece| {
+            if !a.json {
+                print!("{piece}");
+                stdout.lock().flush().ok();
+            }
+            true
+        },
+    ))?;
     let cache = session.cache();
-    let prefill_tok_s = prompt_ids.len() as f64 / prefill_s;
-    let decode_tok_s = out_ids.len() as f64 / decode_s.max(1e-9);
+    let (prefill_tok_s, decode_tok_s) = (g.prefill_tok_s(), g.decode_tok_s());
     if a.json {
         let j = serde_json::json!({
-            "text": text_out, "tokens": out_ids, "kv": kv.to_string(),
+            "text": g.text, "tokens": g.ids, "kv": kv.to_string(),
             "kv_bytes": cache.bytes(), "kv_bytes_f16": cache.bytes_f16(),
             "weights_gpu_bytes": model.weights_gpu_bytes(),
             "bits_per_value": cache.bits_per_value(),
@@ -190,8 +171,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
-        println!("{tail}");
-        eprintln!();
+        println!();
         eprintln!(
             "--- {} on {} ({})",
             loaded.name,
@@ -208,7 +188,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             cache.bytes_f16() as f64 / cache.bytes().max(1) as f64
         );
         eprintln!("speed:           prefill {prefill_tok_s:.1} tok/s ({} tokens), decode {decode_tok_s:.2} tok/s ({} tokens)",
-            prompt_ids.len(), out_ids.len());
+            prompt_ids.len(), g.ids.len());
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fetch;
+pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod ops;

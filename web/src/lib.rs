@@ -1,0 +1,270 @@
+//! kvpack in the browser: the same engine (GGUF reader, tokenizer, weights in their GGUF blocks,
+//! compressed KV cache, WGSL kernels) on WebGPU through WASM. This crate only adapts the engine's
+//! async API to JavaScript; nothing here reimplements a kernel or a format.
+//!
+//! ```js
+//! import init, { Engine } from "./pkg/kvpack_web.js";
+//! await init();
+//! const bytes = new Uint8Array(await (await fetch("model.gguf")).arrayBuffer());
+//! const engine = await Engine.load(bytes, "model.gguf", (done, total) => {});
+//! const report = JSON.parse(await engine.generate("The capital of France is",
+//!     JSON.stringify({ kv: "turbo4", max_tokens: 16 }), (piece) => console.log(piece)));
+//! ```
+
+use kvpack::codec::KvFormat;
+use kvpack::gpu::{BackendChoice, Gpu, GpuOptions, Power};
+use kvpack::model::generate::{chat_prompt, generate, DEFAULT_SYSTEM};
+use kvpack::model::llama::{Llama, Session};
+use kvpack::model::sampler::Sampler;
+use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
+use serde::Deserialize;
+use std::cell::Cell;
+use std::rc::Rc;
+use wasm_bindgen::prelude::*;
+
+/// Set up panic messages and logging to the browser console.
+#[wasm_bindgen(start)]
+pub fn start() {
+    console_error_panic_hook::set_once();
+    #[cfg(target_arch = "wasm32")]
+    let _ = console_log::init_with_level(log::Level::Warn);
+}
+
+/// Options of one generation, as JSON (every field optional).
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerateOptions {
+    /// KV cache format, e.g. `f32`, `turbo4`, `k4v2`.
+    pub kv: String,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// Nucleus mass.
+    pub top_p: f32,
+    /// Sampling seed.
+    pub seed: u64,
+    /// Leading tokens also kept in full precision.
+    pub sinks: usize,
+    /// Tokens the cache holds (prompt + generated).
+    pub context: usize,
+    /// Wrap the prompt in the ChatML template.
+    pub chat: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            kv: "turbo4".into(),
+            max_tokens: 64,
+            temperature: 0.0,
+            top_p: 0.9,
+            seed: 0,
+            sinks: 4,
+            context: 1024,
+            chat: false,
+        }
+    }
+}
+
+struct Inner {
+    gpu: Gpu,
+    model: Llama,
+    tokenizer: Tokenizer,
+    name: String,
+    file_bytes: u64,
+    busy: Cell<bool>,
+    stop: Cell<bool>,
+}
+
+/// A model loaded on the browser's GPU.
+#[wasm_bindgen]
+pub struct Engine {
+    inner: Rc<Inner>,
+}
+
+fn js_err(context: &str, e: impl std::fmt::Display) -> JsError {
+    JsError::new(&format!("{context}: {e}"))
+}
+
+#[wasm_bindgen]
+impl Engine {
+    /// Open WebGPU and upload a GGUF model from its bytes. `on_progress(done, total)` is called
+    /// per layer. `webgpu_limits` forces WebGPU's default limits (as the native tests do).
+    pub async fn load(
+        bytes: Vec<u8>,
+        name: String,
+        on_progress: Option<js_sys::Function>,
+        webgpu_limits: Option<bool>,
+    ) -> Result<Engine, JsError> {
+        let file_bytes = bytes.len() as u64;
+        let file = GgufFile::from_bytes(bytes)
+            .map_err(|e| js_err(&format!("{name} is not a usable GGUF file"), e))?;
+        let tokenizer =
+            Tokenizer::from_gguf(&file).map_err(|e| js_err("reading the tokenizer", e))?;
+        let opts = GpuOptions {
+            backend: BackendChoice::Auto,
+            power: Power::Default,
+            webgpu_limits: webgpu_limits.unwrap_or(false),
+        };
+        let gpu = Gpu::new(&opts)
+            .await
+            .map_err(|e| js_err("opening WebGPU", e))?;
+        let model = Llama::load(&gpu, &file, |done, total| {
+            if let Some(f) = &on_progress {
+                let _ = f.call2(
+                    &JsValue::NULL,
+                    &(done as u32).into(),
+                    &(total as u32).into(),
+                );
+            }
+        })
+        .map_err(|e| js_err(&format!("loading {name}"), e))?;
+        Ok(Engine {
+            inner: Rc::new(Inner {
+                gpu,
+                model,
+                tokenizer,
+                name,
+                file_bytes,
+                busy: Cell::new(false),
+                stop: Cell::new(false),
+            }),
+        })
+    }
+
+    /// The model, the adapter and its limits, as JSON.
+    pub fn info(&self) -> String {
+        let i = &self.inner;
+        let r = i.gpu.report();
+        let c = &i.model.config;
+        serde_json::json!({
+            "model": i.name, "file_bytes": i.file_bytes,
+            "weights_gpu_bytes": i.model.weights_gpu_bytes(),
+            "n_layer": c.n_layer, "n_head": c.n_head, "n_head_kv": c.n_head_kv,
+            "head_dim": c.head_dim, "n_embd": c.n_embd,
+            "adapter": r.name, "backend": r.backend, "device_type": r.device_type,
+            "max_binding_bytes": r.max_binding_bytes, "max_buffer_bytes": r.max_buffer_bytes,
+            "max_invocations": r.max_invocations, "webgpu_limits": r.webgpu_limits,
+        })
+        .to_string()
+    }
+
+    /// KV bytes and bits per value a format takes for `tokens` tokens of this model, with the
+    /// f16 bytes it replaces, as JSON (for the memory bar before generating).
+    pub fn kv_estimate(&self, kv: &str, tokens: usize) -> Result<String, JsError> {
+        let f: KvFormat = kv.parse().map_err(|e| js_err("KV format", e))?;
+        let c = &self.inner.model.config;
+        let bpv = f.bits_per_value(c.head_dim);
+        let values = (c.n_layer * c.n_head_kv * c.head_dim * 2 * tokens) as f64;
+        Ok(serde_json::json!({
+            "kv": f.to_string(), "bits_per_value": bpv,
+            "kv_bytes": (values * bpv / 8.0).round(), "kv_bytes_f16": values * 2.0,
+        })
+        .to_string())
+    }
+
+    /// How many tokens `text` encodes to (with the ChatML template when `chat`).
+    pub fn count_tokens(&self, text: &str, chat: bool) -> usize {
+        prompt_ids(&self.inner.tokenizer, text, chat).len()
+    }
+
+    /// Ask a running generation to stop after its current token.
+    pub fn stop(&self) {
+        self.inner.stop.set(true);
+    }
+
+    /// Generate from `prompt` with `options` (JSON, see [`GenerateOptions`]); `on_piece(text)`
+    /// receives the text as it streams. Resolves to a JSON report: text, token ids, KV bytes, the
+    /// f16 bytes they replace, weights on the GPU, tokens per second.
+    pub fn generate(
+        &self,
+        prompt: String,
+        options: String,
+        on_piece: js_sys::Function,
+    ) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            if inner.busy.replace(true) {
+                return Err(JsError::new("a generation is already running: stop it first").into());
+            }
+            let result = run_generate(&inner, &prompt, &options, &on_piece).await;
+            inner.busy.set(false);
+            inner.stop.set(false);
+            result.map(JsValue::from).map_err(JsValue::from)
+        })
+    }
+}
+
+async fn run_generate(
+    inner: &Inner,
+    prompt: &str,
+    options: &str,
+    on_piece: &js_sys::Function,
+) -> Result<String, JsError> {
+    let o: GenerateOptions = if options.trim().is_empty() {
+        GenerateOptions::default()
+    } else {
+        serde_json::from_str(options).map_err(|e| js_err("generation options", e))?
+    };
+    let kv: KvFormat = o.kv.parse().map_err(|e| js_err("KV format", e))?;
+    let (gpu, model, tok) = (&inner.gpu, &inner.model, &inner.tokenizer);
+    kv.validate_dim(model.config.head_dim)
+        .map_err(|e| js_err("KV format", e))?;
+    if prompt.is_empty() {
+        return Err(JsError::new("the prompt is empty"));
+    }
+    let ids = prompt_ids(tok, prompt, o.chat);
+    if ids.len() + o.max_tokens > o.context {
+        return Err(JsError::new(&format!(
+            "prompt ({} tokens) + max_tokens {} exceed the context of {} tokens",
+            ids.len(),
+            o.max_tokens,
+            o.context
+        )));
+    }
+    let mut session = Session::new(gpu, model, kv, None, o.context, o.sinks)
+        .map_err(|e| js_err("creating the KV cache", e))?;
+    let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed);
+    let g = generate(
+        gpu,
+        &mut session,
+        tok,
+        &ids,
+        &mut sampler,
+        o.max_tokens,
+        |piece| {
+            let _ = on_piece.call1(&JsValue::NULL, &JsValue::from_str(piece));
+            !inner.stop.get()
+        },
+    )
+    .await
+    .map_err(|e| js_err("generation", e))?;
+    let cache = session.cache();
+    Ok(serde_json::json!({
+        "text": g.text, "tokens": g.ids, "kv": kv.to_string(),
+        "kv_bytes": cache.bytes(), "kv_bytes_f16": cache.bytes_f16(),
+        "bits_per_value": cache.bits_per_value(), "cache_tokens": cache.len(),
+        "weights_gpu_bytes": model.weights_gpu_bytes(),
+        "prompt_tokens": g.prompt_tokens, "prefill_tok_s": g.prefill_tok_s(),
+        "decode_tok_s": g.decode_tok_s(), "stopped": g.stopped,
+        "backend": gpu.backend_name(), "adapter": gpu.report().name,
+    })
+    .to_string())
+}
+
+/// The prompt's token ids, as `kvpack generate` makes them.
+fn prompt_ids(tok: &Tokenizer, prompt: &str, chat: bool) -> Vec<u32> {
+    let text = if chat {
+        chat_prompt(DEFAULT_SYSTEM, prompt)
+    } else {
+        prompt.to_string()
+    };
+    tok.encode_with(
+        &text,
+        EncodeOptions {
+            parse_special: chat,
+            add_special: true,
+        },
+    )
+}
