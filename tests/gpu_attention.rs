@@ -46,6 +46,7 @@ fn run_case(
     lens: &[usize],
     n_q: usize,
     with_bias: bool,
+    flip_codebook_selects: bool,
 ) {
     let shape = AttentionShape {
         n_heads: 4,
@@ -53,9 +54,12 @@ fn run_case(
         head_dim: 64,
     };
     let d = shape.head_dim;
+    let mut scratch = AttentionScratch::new(gpu, shape, n_q, *lens.iter().max().unwrap());
+    scratch.codebook_selects ^= flip_codebook_selects;
     let ctx = format!(
-        "{} K={kf} V={vf} lens={lens:?} n_q={n_q} bias={with_bias}",
-        gpu.backend_name()
+        "{} K={kf} V={vf} lens={lens:?} n_q={n_q} bias={with_bias} codebook_selects={}",
+        gpu.backend_name(),
+        scratch.codebook_selects
     );
     let mut rng = Rng::new(lens.iter().sum::<usize>() as u64 * 31 + n_q as u64);
     let total: usize = lens.iter().sum();
@@ -108,7 +112,6 @@ fn run_case(
     };
     let qb = gpu.upload("q", &q);
     let out = gpu.zeros::<f32>("out", q.len());
-    let scratch = AttentionScratch::new(gpu, shape, n_q, max_len);
     let mut b = gpu.batch("attention");
     decode_attention_into(
         gpu,
@@ -130,8 +133,10 @@ fn run_case(
 fn compressed_domain_attention_equals_attention_over_decoded_cache() {
     for gpu in gpus() {
         for (kf, vf) in PAIRS {
-            run_case(&gpu, kf, vf, &[1, 37], 1, false);
-            run_case(&gpu, kf, vf, &[130, 77], 3, true);
+            run_case(&gpu, kf, vf, &[1, 37], 1, false, false);
+            run_case(&gpu, kf, vf, &[130, 77], 3, true, false);
+            // The other codebook lookup (indexed loads on CPU adapters, selects on GPUs).
+            run_case(&gpu, kf, vf, &[130, 77], 3, true, true);
         }
         // Split-K across workgroups (more than 512 tokens), ragged heads, bias, causal chunk.
         for (kf, vf) in [
@@ -139,7 +144,7 @@ fn compressed_domain_attention_equals_attention_over_decoded_cache() {
             ("f16", "q4_0"),
             ("turbo3p", "turbo2.5"),
         ] {
-            run_case(&gpu, kf, vf, &[1100, 513], 2, true);
+            run_case(&gpu, kf, vf, &[1100, 513], 2, true, false);
         }
     }
 }

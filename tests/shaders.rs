@@ -94,8 +94,18 @@ fn variants(name: &str) -> Vec<Vec<(&'static str, f64)>> {
                         ("HAS_BIAS", 1.0),
                         ("WG", 128.0),
                     ]);
-                    out.push(k);
-                    c.extend([("K_KIND", 1.0), ("HAS_BIAS", 0.0), ("WG", d.max(128.0))]);
+                    // Codebook lookups by indexed loads and by selects (CPU adapters).
+                    for sel in [0.0, 1.0] {
+                        let mut k = k.clone();
+                        k.push(("CB_SELECT", sel));
+                        out.push(k);
+                    }
+                    c.extend([
+                        ("K_KIND", 1.0),
+                        ("HAS_BIAS", 0.0),
+                        ("WG", d.max(128.0)),
+                        ("CB_SELECT", 1.0),
+                    ]);
                 }
                 "gpu/copy" => c.clear(),
                 _ => c.push(("WG", d)),

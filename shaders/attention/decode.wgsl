@@ -13,6 +13,10 @@ override K_KIND: u32 = 0u;
 override K_BITS_A: u32 = 0u;
 override K_BITS_B: u32 = 0u;
 override HAS_BIAS: bool = false;
+// Look codebook entries up by a tree of selects on the code's bits instead of an indexed load.
+// On drivers that run invocations as SIMD lanes of a CPU (lavapipe, llvmpipe, SwiftShader) an
+// indexed load is a gather and the selects are much cheaper; set for CPU adapters.
+override CB_SELECT: bool = false;
 // Tile size and workgroup size: a power of two, a multiple of D.
 override WG: u32 = 128u;
 
@@ -68,6 +72,42 @@ fn k_scale(i: u32, h: u32) -> f32 {
     return half_from_word(k_page[params.k_scale_base + k / 2u], k);
 }
 
+// cb[c] for a code of `bits` ≤ 4 bits by a tree of selects (no indexed load).
+fn cb_select(cb: array<f32, 16>, c: u32, bits: u32) -> f32 {
+    let b0 = (c & 1u) != 0u;
+    let b1 = (c & 2u) != 0u;
+    let b2 = (c & 4u) != 0u;
+    if (bits == 1u) {
+        return select(cb[0], cb[1], b0);
+    }
+    let p0 = select(cb[0], cb[1], b0);
+    let p1 = select(cb[2], cb[3], b0);
+    let q0 = select(p0, p1, b1);
+    if (bits == 2u) {
+        return q0;
+    }
+    let p2 = select(cb[4], cb[5], b0);
+    let p3 = select(cb[6], cb[7], b0);
+    let r0 = select(q0, select(p2, p3, b1), b2);
+    if (bits == 3u) {
+        return r0;
+    }
+    let p4 = select(cb[8], cb[9], b0);
+    let p5 = select(cb[10], cb[11], b0);
+    let p6 = select(cb[12], cb[13], b0);
+    let p7 = select(cb[14], cb[15], b0);
+    let r1 = select(select(p4, p5, b1), select(p6, p7, b1), b2);
+    return select(r0, r1, (c & 8u) != 0u);
+}
+
+// Codebook entry `c` of the key codebook at `cboff`: by selects on CPU adapters.
+fn kcb_at(cb: array<f32, 16>, cboff: u32, c: u32, bits: u32) -> f32 {
+    if (CB_SELECT) {
+        return cb_select(cb, c, bits);
+    }
+    return kcb[cboff + c];
+}
+
 // Σ_j qk[qoff + j]·kcb[cboff + code_j] over `count` b-bit codes starting at word `wbase`
 // (count a multiple of 32: each group of 32 codes fills exactly b words). Shifts only by
 // amounts that are the same in every invocation, and no dynamic vector indexing: both are slow
@@ -75,6 +115,12 @@ fn k_scale(i: u32, h: u32) -> f32 {
 fn turbo_dot(wbase: u32, count: u32, b: u32, qoff: u32, cboff: u32) -> f32 {
     var acc = 0.0;
     let mask = (1u << b) - 1u;
+    var cb: array<f32, 16>;
+    if (CB_SELECT) {
+        for (var c = 0u; c < 16u; c++) {
+            cb[c] = kcb[cboff + c];
+        }
+    }
     if (b == 3u) {
         // 32 codes in 3 words: codes 0-9 in w0, 10 straddles w0/w1, 11-20 in w1, 21 straddles
         // w1/w2, 22-31 in w2.
@@ -85,12 +131,12 @@ fn turbo_dot(wbase: u32, count: u32, b: u32, qoff: u32, cboff: u32) -> f32 {
             let w2 = k_page[wb + 2u];
             let q0 = qoff + 32u * g;
             for (var t = 0u; t < 10u; t++) {
-                acc += qk[q0 + t] * kcb[cboff + ((w0 >> (3u * t)) & 7u)];
-                acc += qk[q0 + 11u + t] * kcb[cboff + ((w1 >> (3u * t + 1u)) & 7u)];
-                acc += qk[q0 + 22u + t] * kcb[cboff + ((w2 >> (3u * t + 2u)) & 7u)];
+                acc += qk[q0 + t] * kcb_at(cb, cboff, (w0 >> (3u * t)) & 7u, 3u);
+                acc += qk[q0 + 11u + t] * kcb_at(cb, cboff, (w1 >> (3u * t + 1u)) & 7u, 3u);
+                acc += qk[q0 + 22u + t] * kcb_at(cb, cboff, (w2 >> (3u * t + 2u)) & 7u, 3u);
             }
-            acc += qk[q0 + 10u] * kcb[cboff + ((w0 >> 30u) | ((w1 & 1u) << 2u))];
-            acc += qk[q0 + 21u] * kcb[cboff + ((w1 >> 31u) | ((w2 & 3u) << 1u))];
+            acc += qk[q0 + 10u] * kcb_at(cb, cboff, (w0 >> 30u) | ((w1 & 1u) << 2u), 3u);
+            acc += qk[q0 + 21u] * kcb_at(cb, cboff, (w1 >> 31u) | ((w2 & 3u) << 1u), 3u);
         }
         return acc;
     }
@@ -99,7 +145,7 @@ fn turbo_dot(wbase: u32, count: u32, b: u32, qoff: u32, cboff: u32) -> f32 {
         let word = k_page[wbase + w];
         let q0 = qoff + w * per_word;
         for (var t = 0u; t < per_word; t++) {
-            acc += qk[q0 + t] * kcb[cboff + ((word >> (t * b)) & mask)];
+            acc += qk[q0 + t] * kcb_at(cb, cboff, (word >> (t * b)) & mask, b);
         }
     }
     return acc;
@@ -253,6 +299,13 @@ fn main(@builtin(local_invocation_index) lid: u32,
     prepare_query((qi * params.n_heads + hq) * D, lid);
     fmt_prepare(lid, WG);
 
+    // The value codebook in registers, for lookups by selects.
+    var vcb: array<f32, 16>;
+    if (CB_SELECT) {
+        for (var c = 0u; c < 16u; c++) {
+            vcb[c] = fcb[c];
+        }
+    }
     let groups = WG / D;
     let r = lid / D;
     let j = lid % D;
@@ -289,7 +342,12 @@ fn main(@builtin(local_invocation_index) lid: u32,
             if (base + tt < end) {
                 let pt = probs[tt];
                 if (FMT_KIND == 4u) {
-                    acc += pt * fcb[fmt_code(first + base + tt, j * FMT_BITS_A, FMT_BITS_A)];
+                    let c = fmt_code(first + base + tt, j * FMT_BITS_A, FMT_BITS_A);
+                    if (CB_SELECT) {
+                        acc += pt * cb_select(vcb, c, FMT_BITS_A);
+                    } else {
+                        acc += pt * fcb[c];
+                    }
                 } else {
                     acc += pt * fmt_value(first + base + tt, j);
                 }

@@ -74,9 +74,14 @@ struct CombineParams {
 /// Tokens per split-K workgroup: long contexts spread over many workgroups, short ones use one.
 pub const SPLIT_TOKENS: usize = 512;
 
-/// Scratch for split-K partials; reuse it across calls of the same or smaller size.
+/// Scratch for split-K partials, and the kernel variant; reuse it across calls of the same or
+/// smaller size.
 pub struct AttentionScratch {
     partials: GpuVec<f32>,
+    /// Look TurboQuant codebook entries up by selects on the code's bits rather than by an
+    /// indexed load. On by default on CPU adapters (lavapipe, llvmpipe, SwiftShader), where an
+    /// indexed load is a SIMD gather: 1.4x faster 3-bit decode attention on lavapipe.
+    pub codebook_selects: bool,
 }
 
 impl AttentionScratch {
@@ -87,6 +92,7 @@ impl AttentionScratch {
         let floats = n_q * shape.n_heads * n_splits * (2 + 2 * shape.head_dim);
         AttentionScratch {
             partials: gpu.zeros("attention partials", floats),
+            codebook_selects: gpu.report().device_type == "Cpu",
         }
     }
 }
@@ -136,6 +142,10 @@ pub fn decode_attention_into(
             ("D", d as f64),
             ("WG", wg as f64),
             ("HAS_BIAS", if kv.bias.is_some() { 1.0 } else { 0.0 }),
+            (
+                "CB_SELECT",
+                if scratch.codebook_selects { 1.0 } else { 0.0 },
+            ),
         ];
         let k_format = kv.k_codec.codec().format();
         let v_format = kv.v_codec.codec().format();

@@ -46,6 +46,33 @@ struct Row {
     ms: f64,
     gbps: f64,
     ratio_vs_f16: Option<f64>,
+    /// CPU time this process spent per run (mean over the timed runs). On a CPU adapter
+    /// (lavapipe, llvmpipe, SwiftShader) the "GPU" is this process's threads, so this is the
+    /// kernel's cost in CPU time, unmoved by other processes' load; on a real GPU it is the
+    /// driver's overhead.
+    cpu_ms: Option<f64>,
+    /// f16's CPU time / this CPU time.
+    cpu_ratio_vs_f16: Option<f64>,
+}
+
+/// CPU seconds (user + system, all threads) this process has used so far.
+#[cfg(unix)]
+fn process_cpu_seconds() -> Option<f64> {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF covers every thread.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: initialized by the successful call above.
+    let u = unsafe { u.assume_init() };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+    Some(t(u.ru_utime) + t(u.ru_stime))
+}
+
+#[cfg(not(unix))]
+fn process_cpu_seconds() -> Option<f64> {
+    None
 }
 
 pub fn run(gpu_args: &GpuArgs, cmd: BenchCommand) -> Result<()> {
@@ -60,15 +87,20 @@ pub fn run(gpu_args: &GpuArgs, cmd: BenchCommand) -> Result<()> {
 }
 
 /// Median time of `reps` runs of the dispatches `record` puts in one batch: GPU timestamps around
-/// the pass when the adapter has them, otherwise wall clock from submit to device idle.
+/// the pass when the adapter has them, otherwise wall clock from submit to device idle. Also the
+/// process's mean CPU milliseconds per timed run.
 fn median_ms(
     gpu: &Gpu,
     reps: usize,
     mut record: impl FnMut(&mut Batch) -> Result<()>,
-) -> Result<f64> {
+) -> Result<(f64, Option<f64>)> {
     let timer = gpu.timer();
     let mut t = Vec::with_capacity(reps);
+    let mut cpu_start = None;
     for rep in 0..=reps {
+        if rep == 1 {
+            cpu_start = process_cpu_seconds();
+        }
         let mut b = gpu.batch("bench");
         if let Some(timer) = &timer {
             b = b.timed(timer);
@@ -86,8 +118,12 @@ fn median_ms(
             t.push(ms); // rep 0 warms up: pipelines compiled, buffers touched
         }
     }
+    let cpu_ms = match (cpu_start, process_cpu_seconds()) {
+        (Some(a), Some(b)) => Some((b - a) * 1e3 / reps as f64),
+        _ => None,
+    };
     t.sort_by(|a, b| a.total_cmp(b));
-    Ok(t[t.len() / 2])
+    Ok((t[t.len() / 2], cpu_ms))
 }
 
 fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
@@ -105,7 +141,7 @@ fn copy_gbps(gpu: &Gpu, reps: usize) -> Result<f64> {
     let src = gpu.zeros::<u32>("copy src", words);
     let dst = gpu.zeros::<u32>("copy dst", words);
     let kernel = gpu.pipeline("gpu/copy", "main", &[], &[Binding::READ, Binding::RW])?;
-    let ms = median_ms(gpu, reps, |b| {
+    let (ms, _) = median_ms(gpu, reps, |b| {
         b.dispatch(
             &kernel,
             &[src.buffer(), dst.buffer()],
@@ -149,7 +185,7 @@ fn kernels(
         let f = &kv.k;
         let codec = GpuCodec::new(&gpu, Codec::with_seed(*f, d, 11)?);
         let page = gpu.zeros::<u32>("page", page_words(f, d, n_enc));
-        let ms = median_ms(&gpu, reps, |b| {
+        let (ms, cpu_ms) = median_ms(&gpu, reps, |b| {
             codec.encode_into(
                 &gpu,
                 b,
@@ -173,6 +209,8 @@ fn kernels(
             ms,
             gbps: (n_enc * d * 4) as f64 / (ms * 1e6),
             ratio_vs_f16: None,
+            cpu_ms,
+            cpu_ratio_vs_f16: None,
         });
     }
 
@@ -226,7 +264,7 @@ fn kernels(
                 skip: 0,
                 v_rotated_f32: false,
             };
-            let ms = median_ms(&gpu, reps, |b| {
+            let (ms, cpu_ms) = median_ms(&gpu, reps, |b| {
                 decode_attention_into(
                     &gpu,
                     b,
@@ -247,6 +285,8 @@ fn kernels(
                 ms,
                 gbps: bytes / (ms * 1e6),
                 ratio_vs_f16: None,
+                cpu_ms,
+                cpu_ratio_vs_f16: None,
             });
         }
     }
@@ -258,6 +298,9 @@ fn kernels(
             .find(|s| s.kernel == r.kernel && s.context == r.context && s.format == "f16")
         {
             r.ratio_vs_f16 = Some(f16.ms / r.ms);
+            if let (Some(a), Some(b)) = (f16.cpu_ms, r.cpu_ms) {
+                r.cpu_ratio_vs_f16 = Some(a / b);
+            }
         }
     }
     if json {
@@ -277,19 +320,30 @@ fn kernels(
         );
         println!("buffer copy bandwidth: {copy:.2} GB/s");
         println!(
-            "{:<17} {:<8} {:>8} {:>10} {:>9} {:>10} {:>12}",
-            "kernel", "format", "context", "ms", "GB/s", "vs copy", "f16 time/this"
+            "{:<17} {:<10} {:>8} {:>10} {:>9} {:>10} {:>14} {:>10} {:>13}",
+            "kernel",
+            "format",
+            "context",
+            "ms",
+            "GB/s",
+            "vs copy",
+            "f16 time/this",
+            "cpu ms",
+            "f16 cpu/this"
         );
         for r in &rows {
             println!(
-                "{:<17} {:<8} {:>8} {:>10.3} {:>9.2} {:>9.1}% {:>12}",
+                "{:<17} {:<10} {:>8} {:>10.3} {:>9.2} {:>9.1}% {:>14} {:>10} {:>13}",
                 r.kernel,
                 r.format,
                 r.context,
                 r.ms,
                 r.gbps,
                 100.0 * r.gbps / copy,
-                r.ratio_vs_f16.map_or("-".into(), |x| format!("{x:.2}x"))
+                r.ratio_vs_f16.map_or("-".into(), |x| format!("{x:.2}x")),
+                r.cpu_ms.map_or("-".into(), |x| format!("{x:.1}")),
+                r.cpu_ratio_vs_f16
+                    .map_or("-".into(), |x| format!("{x:.2}x"))
             );
         }
     }
