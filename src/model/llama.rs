@@ -72,38 +72,12 @@ impl Llama {
         file: &GgufFile,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Llama, ModelError> {
-        let config = LlamaConfig::from_gguf(file)?;
-        let embd = QTensor::load(gpu, file, "token_embd.weight")?;
-        let output = if file.tensor_info("output.weight").is_ok() {
-            Some(QTensor::load(gpu, file, "output.weight")?)
-        } else {
-            None
-        };
-        let out_norm = load_f32(gpu, file, "output_norm.weight")?;
-        let mut blocks = Vec::with_capacity(config.n_layer);
-        for l in 0..config.n_layer {
-            let t = |n: &str| format!("blk.{l}.{n}.weight");
-            let q = |n: &str| QTensor::load(gpu, file, &t(n));
-            blocks.push(Block {
-                attn_norm: load_f32(gpu, file, &t("attn_norm"))?,
-                ffn_norm: load_f32(gpu, file, &t("ffn_norm"))?,
-                wq: q("attn_q")?,
-                wk: q("attn_k")?,
-                wv: q("attn_v")?,
-                wo: q("attn_output")?,
-                gate: q("ffn_gate")?,
-                up: q("ffn_up")?,
-                down: q("ffn_down")?,
-            });
-            progress(l + 1, config.n_layer);
+        let mut loader = LlamaLoader::new(gpu, file)?;
+        while !loader.is_done() {
+            loader.next_layer()?;
+            progress(loader.layers_done(), loader.layers());
         }
-        Ok(Llama {
-            config,
-            embd,
-            output,
-            out_norm,
-            blocks,
-        })
+        loader.finish()
     }
 
     /// GPU bytes of all weights (blocks as stored in the file, norms as f32).
@@ -125,6 +99,92 @@ impl Llama {
             n_kv_heads: self.config.n_head_kv,
             head_dim: self.config.head_dim,
         }
+    }
+}
+
+/// Loads a model one layer per call, so a caller can yield between layers (a browser tab repaints
+/// its progress bar; nothing freezes). [`Llama::load`] runs it to the end.
+pub struct LlamaLoader<'a> {
+    gpu: &'a Gpu,
+    file: &'a GgufFile,
+    config: LlamaConfig,
+    embd: QTensor,
+    output: Option<QTensor>,
+    out_norm: GpuVec<f32>,
+    blocks: Vec<Block>,
+}
+
+impl<'a> LlamaLoader<'a> {
+    /// Read the hyperparameters and upload the embeddings, output norm and output matrix.
+    pub fn new(gpu: &'a Gpu, file: &'a GgufFile) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_gguf(file)?;
+        let embd = QTensor::load(gpu, file, "token_embd.weight")?;
+        let output = if file.tensor_info("output.weight").is_ok() {
+            Some(QTensor::load(gpu, file, "output.weight")?)
+        } else {
+            None
+        };
+        let out_norm = load_f32(gpu, file, "output_norm.weight")?;
+        Ok(LlamaLoader {
+            gpu,
+            file,
+            blocks: Vec::with_capacity(config.n_layer),
+            config,
+            embd,
+            output,
+            out_norm,
+        })
+    }
+
+    /// Layers in the model.
+    pub fn layers(&self) -> usize {
+        self.config.n_layer
+    }
+
+    /// Layers uploaded so far.
+    pub fn layers_done(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether every layer is uploaded.
+    pub fn is_done(&self) -> bool {
+        self.blocks.len() == self.config.n_layer
+    }
+
+    /// Upload the next layer (no-op when all are done).
+    pub fn next_layer(&mut self) -> Result<(), ModelError> {
+        if self.is_done() {
+            return Ok(());
+        }
+        let (gpu, file, l) = (self.gpu, self.file, self.blocks.len());
+        let t = |n: &str| format!("blk.{l}.{n}.weight");
+        let q = |n: &str| QTensor::load(gpu, file, &t(n));
+        self.blocks.push(Block {
+            attn_norm: load_f32(gpu, file, &t("attn_norm"))?,
+            ffn_norm: load_f32(gpu, file, &t("ffn_norm"))?,
+            wq: q("attn_q")?,
+            wk: q("attn_k")?,
+            wv: q("attn_v")?,
+            wo: q("attn_output")?,
+            gate: q("ffn_gate")?,
+            up: q("ffn_up")?,
+            down: q("ffn_down")?,
+        });
+        Ok(())
+    }
+
+    /// The loaded model; uploads any layers not yet loaded.
+    pub fn finish(mut self) -> Result<Llama, ModelError> {
+        while !self.is_done() {
+            self.next_layer()?;
+        }
+        Ok(Llama {
+            config: self.config,
+            embd: self.embd,
+            output: self.output,
+            out_norm: self.out_norm,
+            blocks: self.blocks,
+        })
     }
 }
 

@@ -14,7 +14,7 @@
 use kvpack::codec::KvFormat;
 use kvpack::gpu::{BackendChoice, Gpu, GpuOptions, Power};
 use kvpack::model::generate::{chat_prompt, generate, DEFAULT_SYSTEM};
-use kvpack::model::llama::{Llama, Session};
+use kvpack::model::llama::{Llama, LlamaLoader, Session};
 use kvpack::model::sampler::Sampler;
 use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
 use serde::Deserialize;
@@ -110,16 +110,27 @@ impl Engine {
         let gpu = Gpu::new(&opts)
             .await
             .map_err(|e| js_err("opening WebGPU", e))?;
-        let model = Llama::load(&gpu, &file, |done, total| {
+        // One layer at a time, yielding to the browser between layers: the page repaints its
+        // progress bar and never freezes.
+        let mut loader =
+            LlamaLoader::new(&gpu, &file).map_err(|e| js_err(&format!("loading {name}"), e))?;
+        while !loader.is_done() {
+            loader
+                .next_layer()
+                .map_err(|e| js_err(&format!("loading {name}"), e))?;
             if let Some(f) = &on_progress {
+                let done = loader.layers_done() as u32;
                 let _ = f.call2(
                     &JsValue::NULL,
-                    &(done as u32).into(),
-                    &(total as u32).into(),
+                    &done.into(),
+                    &(loader.layers() as u32).into(),
                 );
             }
-        })
-        .map_err(|e| js_err(&format!("loading {name}"), e))?;
+            next_task().await;
+        }
+        let model = loader
+            .finish()
+            .map_err(|e| js_err(&format!("loading {name}"), e))?;
         Ok(Engine {
             inner: Rc::new(Inner {
                 gpu,
@@ -267,4 +278,19 @@ fn prompt_ids(tok: &Tokenizer, prompt: &str, chat: bool) -> Vec<u32> {
             add_special: true,
         },
     )
+}
+
+/// Resolves on the event loop's next task (`setTimeout(0)`), so the browser can paint.
+async fn next_task() {
+    let p = js_sys::Promise::new(&mut |resolve, _| {
+        let global = js_sys::global();
+        if let Ok(f) = js_sys::Reflect::get(&global, &JsValue::from_str("setTimeout")) {
+            if let Ok(f) = f.dyn_into::<js_sys::Function>() {
+                let _ = f.call2(&global, &resolve, &JsValue::from(0));
+                return;
+            }
+        }
+        let _ = resolve.call0(&JsValue::NULL);
+    });
+    let _ = wasm_bindgen_futures::JsFuture::from(p).await;
 }
