@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-serve}"
+export KVPACK_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 
 rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
 want=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)
@@ -22,7 +23,7 @@ scripts/fetch-model.sh
 echo "== building the wasm package"
 cargo build -p kvpack-web --target wasm32-unknown-unknown --release
 wasm-bindgen --target web --no-typescript --out-dir web/pkg \
-  target/wasm32-unknown-unknown/release/kvpack_web.wasm
+  "$KVPACK_TARGET_DIR/wasm32-unknown-unknown/release/kvpack_web.wasm"
 echo "web/pkg: $(du -h web/pkg/kvpack_web_bg.wasm | cut -f1) of wasm"
 
 case "$mode" in

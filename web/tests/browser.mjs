@@ -11,7 +11,8 @@ import { fileURLToPath } from "node:url";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
 const model = path.join(root, "data", "SmolLM2-135M-Instruct.Q4_1.gguf");
-const kvpack = path.join(root, "target", process.env.KVPACK_PROFILE ?? "debug", "kvpack");
+const targetDir = path.resolve(root, process.env.KVPACK_TARGET_DIR ?? "target");
+const kvpack = path.join(targetDir, process.env.KVPACK_PROFILE ?? "debug", "kvpack");
 const outDir = path.join(root, "target", "web-test");
 const PROMPT = "The capital of France is";
 const MAX_TOKENS = 8;
