@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod eval;
 mod generate;
+mod plot;
 mod ppl;
 
 use anyhow::{Context, Result};

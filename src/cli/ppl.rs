@@ -2,7 +2,7 @@
 //! format, on the same tokens.
 
 use super::generate::ModelArgs;
-use super::GpuArgs;
+use super::{plot, GpuArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvpack::codec::KvFormat;
@@ -39,6 +39,9 @@ pub struct PplArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Also draw quality against bits per value (Δppl % and KL per format) into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -164,6 +167,37 @@ pub fn run(gpu_args: &GpuArgs, a: PplArgs) -> Result<()> {
             kv_bytes: kv_bytes[i],
         })
         .collect();
+    if let Some(path) = &a.plot {
+        let base = rows[0].ppl;
+        let points = |f: &dyn Fn(&Row) -> f64| -> Vec<(f64, f64, String)> {
+            rows.iter()
+                .map(|r| (r.bits_per_value, f(r), r.kv.clone()))
+                .collect()
+        };
+        let title = format!(
+            "{}: {} × {} tokens of {}",
+            loaded.name,
+            n_chunks,
+            a.tokens,
+            a.text
+                .file_name()
+                .map_or("text".into(), |n| n.to_string_lossy())
+        );
+        plot::write_svg(
+            path,
+            &title,
+            "bits per value (norms and full-precision tokens counted)",
+            "perplexity increase over the f32 cache, %",
+            &[plot::Series {
+                name: "Δppl %".into(),
+                points: points(&|r| 100.0 * (r.ppl / base - 1.0)),
+                joined: false,
+            }],
+        )?;
+        if !a.json {
+            eprintln!("plot: {}", path.display());
+        }
+    }
     if a.json {
         let j = serde_json::json!({ "backend": gpu.backend_name(), "model": loaded.name,
             "text": a.text.display().to_string(), "tokens": a.tokens, "chunks": n_chunks,
