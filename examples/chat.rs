@@ -6,6 +6,7 @@
 //! ```
 
 use kvpack::gpu::{Gpu, GpuOptions};
+use kvpack::kv::KvRecipe;
 use kvpack::model::generate::generate;
 use kvpack::model::llama::{Llama, Session};
 use kvpack::model::sampler::Sampler;
@@ -22,7 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tok = Tokenizer::from_gguf(&file)?;
     let model = Llama::load(&gpu, &file, |_, _| {})?;
     // 2048 tokens of context, keys at 4 bits and values at 2 (TurboQuant), first 4 tokens exact.
-    let mut session = Session::new(&gpu, &model, "k4v2".parse()?, None, 2048, 4)?;
+    let mut session = Session::new(&gpu, &model, &KvRecipe::plain("k4v2".parse()?, 4), 2048)?;
     let mut sampler = Sampler::new(0.7, 0.9, 1);
     let special = EncodeOptions {
         parse_special: true,

@@ -7,6 +7,7 @@
 
 use kvpack::codec::KvFormat;
 use kvpack::gpu::{Gpu, GpuOptions, Power};
+use kvpack::kv::KvRecipe;
 use kvpack::model::generate::generate;
 use kvpack::model::llama::{Llama, Session};
 use kvpack::model::sampler::Sampler;
@@ -52,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("KV budget {budget_mb} MB for {context} tokens: {kv} ({:.2} bits/value, {:.1} MB at full context)",
         kv.bits_per_value(c.head_dim), per_bit * kv.bits_per_value(c.head_dim) / 1e6);
 
-    let mut session = Session::new(&gpu, &model, kv, None, context, 4)?;
+    let mut session = Session::new(&gpu, &model, &KvRecipe::plain(kv, 4), context)?;
     let prompt = tok.encode_with(
         "Integrated GPUs are useful because",
         EncodeOptions::default(),

@@ -6,7 +6,8 @@
 //! ```
 
 use kvpack::attention::{
-    decode_attention_into, reference_attention, AttentionScratch, AttentionShape, KvPages,
+    decode_attention_into, reference_attention, AttentionScratch, AttentionShape, KvPages, Recent,
+    ValueStore,
 };
 use kvpack::codec::gpu::GpuCodec;
 use kvpack::codec::{Codec, KvFormat};
@@ -66,7 +67,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_len: tokens,
         bias: None,
         skip: 0,
-        v_rotated_f32: false,
+        values: ValueStore::Codes,
+        ring: 0,
+        recent: Recent::All,
+        center: None,
     };
     let (q, out) = (
         gpu.upload("q", &query),

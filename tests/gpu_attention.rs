@@ -5,7 +5,8 @@ mod common;
 
 use common::{gpus, Rng};
 use kvpack::attention::{
-    decode_attention_into, reference_attention, AttentionScratch, AttentionShape, KvPages,
+    decode_attention_into, reference_attention, AttentionScratch, AttentionShape, KvPages, Recent,
+    ValueStore,
 };
 use kvpack::codec::gpu::GpuCodec;
 use kvpack::codec::{Codec, VecFormat};
@@ -108,7 +109,10 @@ fn run_case(
         max_len,
         bias: with_bias.then_some(&bias),
         skip: 0,
-        v_rotated_f32: false,
+        values: ValueStore::Codes,
+        ring: 0,
+        recent: Recent::All,
+        center: None,
     };
     let qb = gpu.upload("q", &q);
     let out = gpu.zeros::<f32>("out", q.len());
@@ -149,87 +153,226 @@ fn compressed_domain_attention_equals_attention_over_decoded_cache() {
     }
 }
 
-/// The KV cache with full-precision sinks: tokens appended chunk by chunk, attention over the
-/// compressed region plus the exact sink region equals attention over a cache whose first tokens
-/// are exact and the rest decoded from the pages.
+/// The KV cache with f16 sinks, an f16 window of recent tokens (a ring that wraps) and centered
+/// keys: tokens appended chunk by chunk, attention over all regions under one softmax equals, for
+/// every query, attention over a cache whose sinks and last `recent` tokens before the query are
+/// the stored f16 copies and whose other tokens are decoded from the pages (keys un-centered with
+/// the stored means, which equal the CPU means of the first append past the sinks).
 #[test]
-fn cache_with_full_precision_sinks_matches_reference() {
-    use kvpack::codec::{Encoded, KvFormat};
-    use kvpack::kv::{KvCache, KvConfig};
+fn cache_with_sinks_window_and_centered_keys_matches_reference() {
+    use kvpack::codec::{unrotate, Encoded, KvFormat};
+    use kvpack::kv::{KvCache, KvConfig, MAX_APPEND};
+    let shape = AttentionShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+    };
+    let (d, kvh, cap) = (64, 2, 96);
+    // (sinks, recent, centered keys)
+    let configs = [(4, 0, false), (4, 5, true), (0, 3, true), (2, 70, false)];
     for gpu in gpus() {
-        for fmt in ["turbo3/turbo2", "q8_0/turbo4", "turbo3p/turbo2.5", "f16"] {
-            let shape = AttentionShape {
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 64,
-            };
-            let (d, kvh, sinks, cap) = (64, 2, 4, 40);
-            let format: KvFormat = fmt.parse().unwrap();
+        for fmt in ["turbo3/turbo2", "q8_0/turbo4", "turbo3p/f16"] {
+            for &(sinks, recent, center_keys) in &configs {
+                let format: KvFormat = fmt.parse().unwrap();
+                let mut cache = KvCache::new(
+                    &gpu,
+                    KvConfig {
+                        n_layer: 1,
+                        n_kv_heads: kvh,
+                        head_dim: d,
+                        capacity: cap,
+                        format,
+                        layer_formats: None,
+                        seed: 9,
+                        sinks,
+                        recent,
+                        center_keys,
+                    },
+                )
+                .unwrap();
+                let ring = recent + MAX_APPEND;
+                let mut rng = Rng::new(77);
+                let total = 80;
+                let mut keys = rng.gauss(total * kvh * d);
+                let mut values = rng.gauss(total * kvh * d);
+                // Token 0 looks like an attention sink: large keys and values; every key has an
+                // offset that centering removes.
+                keys[..kvh * d].iter_mut().for_each(|x| *x *= 30.0);
+                values[..kvh * d].iter_mut().for_each(|x| *x *= 30.0);
+                for (i, x) in keys.iter_mut().enumerate() {
+                    *x += ((i % d) as f32 * 0.37).sin() * 3.0;
+                }
+                let status = gpu.upload("status", &[0u32, u32::MAX]);
+                let mut done = 0;
+                for n in [3usize, 6, 3, 60, 1, 7] {
+                    let ctx = format!(
+                        "{} {fmt} sinks {sinks} recent {recent} centered {center_keys} after {} tokens",
+                        gpu.backend_name(),
+                        done + n
+                    );
+                    let first = cache.begin_tokens(&gpu, n).unwrap();
+                    let kb = gpu.upload("k", &keys[first * kvh * d..(first + n) * kvh * d]);
+                    let vb = gpu.upload("v", &values[first * kvh * d..(first + n) * kvh * d]);
+                    let q = rng.gauss(n * shape.n_heads * d);
+                    let qb = gpu.upload("q", &q);
+                    let out = gpu.zeros::<f32>("out", q.len());
+                    let scratch = AttentionScratch::new(&gpu, shape, n, cap);
+                    let mut b = gpu.batch("step");
+                    cache
+                        .append_into(&gpu, &mut b, 0, first, n, &kb, &vb, &status)
+                        .unwrap();
+                    let regions = cache.pages(0);
+                    decode_attention_into(&gpu, &mut b, shape, &regions, &qb, n, &scratch, &out)
+                        .unwrap();
+                    b.submit();
+                    let got = gpu.read_blocking(&out).unwrap();
+                    done += n;
+                    assert_eq!(gpu.read_blocking(&status).unwrap()[0], 0, "{ctx}");
+
+                    // The stored means equal the CPU means of the first append past the sinks.
+                    let mean = match cache.key_mean(0) {
+                        Some(m) => gpu.read_blocking(m).unwrap(),
+                        None => vec![0.0; kvh * d],
+                    };
+                    if center_keys && done > sinks {
+                        let (from, to) = if sinks < 3 { (sinks, 3) } else { (4, 9) };
+                        for (g, m) in mean.iter().enumerate() {
+                            let want: f32 = (from..to).map(|t| keys[t * kvh * d + g]).sum::<f32>()
+                                / (to - from) as f32;
+                            assert!(
+                                (m - want).abs() <= 1e-5 * want.abs().max(1.0),
+                                "{ctx}: mean {g}"
+                            );
+                        }
+                    }
+                    // Pages as the GPU stored them, decoded on the CPU.
+                    let decode = |codec: &Codec, page: &kvpack::gpu::GpuVec<u32>, n: usize| {
+                        let words = gpu.read_blocking(page).unwrap();
+                        codec.decode(&Encoded { n, d, words })
+                    };
+                    let main = &regions[0];
+                    let kd = decode(main.k_codec.codec(), main.k_page, kvh * cap);
+                    let vd = decode(main.v_codec.codec(), main.v_page, kvh * cap);
+                    let f16 = Codec::with_seed(VecFormat::F16, d, 0).unwrap();
+                    let v_signs = main.v_codec.codec().signs(0).map(|s| s.to_vec());
+                    // An exact region's tokens: f16 keys; f16 values in the value codec's rotated
+                    // domain, rotated back.
+                    let exact = |r: Option<&KvPages>, slots: usize| match r {
+                        None => (Vec::new(), Vec::new()),
+                        Some(r) => {
+                            assert_eq!(r.values, ValueStore::RotatedF16);
+                            let k = decode(&f16, r.k_page, slots);
+                            let mut v = decode(&f16, r.v_page, slots);
+                            if let Some(signs) = &v_signs {
+                                for y in v.chunks_mut(d) {
+                                    let x = unrotate(signs, y);
+                                    y.copy_from_slice(&x);
+                                }
+                            }
+                            (k, v)
+                        }
+                    };
+                    let sink_r = regions
+                        .iter()
+                        .find(|r| r.ring == 0 && r.skip == 0 && sinks > 0);
+                    let win_r = regions.iter().find(|r| r.ring > 0);
+                    let (sk, sv) = exact(sink_r, kvh * sinks);
+                    let (wk, wv) = exact(win_r, kvh * ring);
+                    for qi in 0..n {
+                        let pos = first + qi;
+                        let (mut kh, mut vh) = (vec![Vec::new(); kvh], vec![Vec::new(); kvh]);
+                        for h in 0..kvh {
+                            for t in 0..=pos {
+                                let (k, v) = if t < sinks {
+                                    let at = (h * sinks + t) * d;
+                                    (sk[at..at + d].to_vec(), sv[at..at + d].to_vec())
+                                } else if recent > 0 && t + recent >= pos {
+                                    let at = (h * ring + t % ring) * d;
+                                    (wk[at..at + d].to_vec(), wv[at..at + d].to_vec())
+                                } else {
+                                    let at = (h * cap + t) * d;
+                                    let k: Vec<f32> = kd[at..at + d]
+                                        .iter()
+                                        .zip(&mean[h * d..(h + 1) * d])
+                                        .map(|(x, m)| x + m)
+                                        .collect();
+                                    (k, vd[at..at + d].to_vec())
+                                };
+                                kh[h].extend(k);
+                                vh[h].extend(v);
+                            }
+                        }
+                        let qrow = &q[qi * shape.n_heads * d..(qi + 1) * shape.n_heads * d];
+                        let want = reference_attention(shape, qrow, 1, &kh, &vh, None);
+                        let grow = &got[qi * shape.n_heads * d..(qi + 1) * shape.n_heads * d];
+                        assert_rows_close(&format!("{ctx} query {pos}"), grow, &want, d);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The bytes of a preset's cache are the formula of docs/formats.md: codes and scales of every
+/// token, f16 keys and values of the sinks and of the recent window, f32 key means.
+#[test]
+fn preset_cache_bytes_equal_formula() {
+    use kvpack::kv::{KvCache, KvConfig, KvRecipe};
+    let (n_layer, kvh, d, cap) = (2, 3, 64, 200);
+    for gpu in gpus() {
+        for name in ["tq3", "tq4"] {
+            let r: KvRecipe = name.parse().unwrap();
             let mut cache = KvCache::new(
                 &gpu,
                 KvConfig {
-                    n_layer: 1,
+                    n_layer,
                     n_kv_heads: kvh,
                     head_dim: d,
                     capacity: cap,
-                    format,
+                    format: r.format,
                     layer_formats: None,
-                    seed: 9,
-                    sinks,
+                    seed: 1,
+                    sinks: r.sinks,
+                    recent: r.recent,
+                    center_keys: r.center_keys,
                 },
             )
             .unwrap();
-            let mut rng = Rng::new(77);
-            let total = 12;
-            let mut keys = rng.gauss(total * kvh * d);
-            let mut values = rng.gauss(total * kvh * d);
-            // Token 0 looks like an attention sink: large keys and values.
-            keys[..kvh * d].iter_mut().for_each(|x| *x *= 30.0);
-            values[..kvh * d].iter_mut().for_each(|x| *x *= 30.0);
+            assert_eq!(cache.bytes(), 0);
+            // turbo{b}: b·d/8 bytes of codes and one f16 scale per vector.
+            let vector_bytes = |f: kvpack::codec::VecFormat| match f.to_string().as_str() {
+                "turbo2" => 2 * d / 8 + 2,
+                "turbo3" => 3 * d / 8 + 2,
+                "turbo4" => 4 * d / 8 + 2,
+                other => panic!("{name}: add {other} to the formula"),
+            };
+            let per_token = vector_bytes(r.format.k) + vector_bytes(r.format.v);
+            let mut rng = Rng::new(5);
             let status = gpu.upload("status", &[0u32, u32::MAX]);
-            let mut done = 0;
-            for n in [3usize, 6, 3] {
-                let ctx = format!("{} {fmt} after {} tokens", gpu.backend_name(), done + n);
+            let mut len = 0;
+            for n in [1usize, 2, 64, 40] {
                 let first = cache.begin_tokens(&gpu, n).unwrap();
-                let kb = gpu.upload("k", &keys[first * kvh * d..(first + n) * kvh * d]);
-                let vb = gpu.upload("v", &values[first * kvh * d..(first + n) * kvh * d]);
-                let q = rng.gauss(n * shape.n_heads * d);
-                let qb = gpu.upload("q", &q);
-                let out = gpu.zeros::<f32>("out", q.len());
-                let scratch = AttentionScratch::new(&gpu, shape, n, cap);
-                let mut b = gpu.batch("step");
-                cache
-                    .append_into(&gpu, &mut b, 0, first, n, &kb, &vb, &status)
-                    .unwrap();
-                let regions = cache.pages(0);
-                decode_attention_into(&gpu, &mut b, shape, &regions, &qb, n, &scratch, &out)
-                    .unwrap();
-                b.submit();
-                let got = gpu.read_blocking(&out).unwrap();
-                done += n;
-                // Reference: exact sinks, the rest decoded from what the GPU stored.
-                let main = &regions[0];
-                let decode = |codec: &kvpack::codec::gpu::GpuCodec, page| {
-                    let words = gpu.read_blocking(page).unwrap();
-                    codec.codec().decode(&Encoded {
-                        n: kvh * cap,
-                        d,
-                        words,
-                    })
-                };
-                let kd = decode(main.k_codec, main.k_page);
-                let vd = decode(main.v_codec, main.v_page);
-                let (mut kh, mut vh) = (vec![Vec::new(); kvh], vec![Vec::new(); kvh]);
-                for h in 0..kvh {
-                    for t in 0..done {
-                        let exact = |src: &[f32]| src[(t * kvh + h) * d..][..d].to_vec();
-                        let dec = |src: &[f32]| src[(h * cap + t) * d..][..d].to_vec();
-                        kh[h].extend(if t < sinks { exact(&keys) } else { dec(&kd) });
-                        vh[h].extend(if t < sinks { exact(&values) } else { dec(&vd) });
-                    }
+                let k = gpu.upload("k", &rng.gauss(n * kvh * d));
+                let v = gpu.upload("v", &rng.gauss(n * kvh * d));
+                let mut b = gpu.batch("append");
+                for l in 0..n_layer {
+                    cache
+                        .append_into(&gpu, &mut b, l, first, n, &k, &v, &status)
+                        .unwrap();
                 }
-                let want = reference_attention(shape, &q, n, &kh, &vh, None);
-                assert_rows_close(&ctx, &got, &want, d);
+                b.submit();
+                len += n;
+                let exact_tokens = len.min(r.sinks) + r.recent.min(len.saturating_sub(r.sinks));
+                let means = if r.center_keys && len > r.sinks {
+                    kvh * d * 4
+                } else {
+                    0
+                };
+                let want =
+                    n_layer * (kvh * len * per_token + kvh * exact_tokens * 2 * d * 2 + means);
+                assert_eq!(cache.bytes(), want as u64, "{name} after {len} tokens");
+                let values = 2 * n_layer * kvh * len * d;
+                assert_eq!(cache.bits_per_value(), 8.0 * want as f64 / values as f64);
             }
         }
     }

@@ -6,6 +6,7 @@
 mod common;
 
 use kvpack::codec::KvFormat;
+use kvpack::kv::KvRecipe;
 use kvpack::model::llama::{Llama, Logits, Session};
 use kvpack::model::sampler::Sampler;
 use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
@@ -58,7 +59,7 @@ fn greedy_tokens_agree_across_backends_and_bytes_match_the_formula() {
         let mut runs = Vec::new();
         for kv in ["f32", "turbo4"] {
             let fmt: KvFormat = kv.parse().unwrap();
-            let mut s = Session::new(&gpu, &model, fmt, None, 64, 0).unwrap();
+            let mut s = Session::new(&gpu, &model, &KvRecipe::plain(fmt, 0), 64).unwrap();
             let mut logits = pollster::block_on(s.forward(&gpu, &prompt, Logits::Last)).unwrap();
             let mut out = Vec::new();
             for _ in 0..6 {
@@ -89,7 +90,7 @@ fn greedy_tokens_agree_across_backends_and_bytes_match_the_formula() {
         );
         // Perplexity of a short news sentence with the f32 cache: a working model is far below
         // the vocabulary-uniform 49152 and the hundreds a broken layer gives.
-        let mut s = Session::new(&gpu, &model, "f32".parse().unwrap(), None, 64, 0).unwrap();
+        let mut s = Session::new(&gpu, &model, &"f32".parse().unwrap(), 64).unwrap();
         let logits = pollster::block_on(s.forward(&gpu, &text_ids, Logits::All)).unwrap();
         let v = logits.len() / text_ids.len();
         let mut nll = 0.0;

@@ -63,6 +63,11 @@ fn model_variants(name: &str) -> Option<Vec<Vec<(&'static str, f64)>>> {
             }
         }
         n if n.starts_with("model/") => out.push(vec![("WG", 256.0)]),
+        "kv/center" => {
+            for mean in [0.0, 1.0] {
+                out.push(vec![("MEAN", mean), ("WG", 64.0)]);
+            }
+        }
         _ => return None,
     }
     Some(out)
@@ -111,6 +116,43 @@ fn variants(name: &str) -> Vec<Vec<(&'static str, f64)>> {
                 _ => c.push(("WG", d)),
             }
             out.push(c);
+        }
+    }
+    // The full-precision copies: values in a TurboQuant codec's rotated domain as f32 (kind 7) or
+    // f16 (kind 8), written by the encoder and read by attention beside f16 keys, and attention
+    // over centered keys.
+    for &d in &[64.0, 128.0] {
+        for kind in [7.0, 8.0] {
+            for (a, b) in [(3.0, 0.0), (3.0, 2.0)] {
+                let c = vec![
+                    ("D", d),
+                    ("FMT_KIND", kind),
+                    ("FMT_BITS_A", a),
+                    ("FMT_BITS_B", b),
+                ];
+                match name {
+                    "codec/encode" => out.push([c, vec![("WG", d)]].concat()),
+                    "attention/decode" => out.push(
+                        [
+                            c,
+                            vec![("K_KIND", 1.0), ("HAS_BIAS", 0.0), ("WG", d.max(128.0))],
+                        ]
+                        .concat(),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        if name == "attention/decode" {
+            out.push(vec![
+                ("D", d),
+                ("FMT_KIND", 4.0),
+                ("FMT_BITS_A", 2.0),
+                ("K_KIND", 4.0),
+                ("K_BITS_A", 3.0),
+                ("HAS_CENTER", 1.0),
+                ("WG", d.max(128.0)),
+            ]);
         }
     }
     out.dedup();

@@ -17,6 +17,8 @@ override HAS_BIAS: bool = false;
 // On drivers that run invocations as SIMD lanes of a CPU (lavapipe, llvmpipe, SwiftShader) an
 // indexed load is a gather and the selects are much cheaper; set for CPU adapters.
 override CB_SELECT: bool = false;
+// Keys were stored centered (k − μ, μ per KV head): every score gets ⟨q, μ⟩ back.
+override HAS_CENTER: bool = false;
 // Tile size and workgroup size: a power of two, a multiple of D.
 override WG: u32 = 128u;
 
@@ -34,6 +36,10 @@ struct Params {
     skip: u32,         // tokens at the start of every head that this region leaves out
     split_base: u32,   // this dispatch's first split slot in `partials`
     split_stride: u32, // split slots per (position, head) in `partials`
+    ring: u32,         // 0: token t at page index first + t; else at first + t % ring
+    recent: u32,       // with recent_mode: a number of trailing positions of each query
+    recent_mode: u32,  // 0 all visible tokens; 1 all but the last `recent`; 2 only the last `recent`
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -44,6 +50,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read> fmt_aux: array<u32>;
 // (first page index, length) per KV head: heads are ragged, nothing is padded.
 @group(0) @binding(6) var<storage, read> heads: array<u32>;
+// HAS_BIAS: β per page index. HAS_CENTER (never with HAS_BIAS: eight storage buffers is the
+// portable limit): μ per KV head, D floats each.
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
 // Per (position, head, split): m, l, acc[D], acc_qjl[D].
 @group(0) @binding(8) var<storage, read_write> partials: array<f32>;
@@ -222,6 +230,14 @@ fn key_dot(i: u32) -> f32 {
     return acc;
 }
 
+// Page index of token t of a head whose tokens start at `first` (a ring wraps around).
+fn slot(first: u32, t: u32) -> u32 {
+    if (params.ring > 0u) {
+        return first + t % params.ring;
+    }
+    return first + t;
+}
+
 // qk = the query in K's domain (·scale); for prod also qs = S·qk. Uniform control flow.
 fn prepare_query(qbase: u32, lid: u32) {
     for (var j = lid; j < D; j += WG) {
@@ -293,11 +309,28 @@ fn main(@builtin(local_invocation_index) lid: u32,
     // Causal: tokens at positions up to the query's own, within this region's `len`.
     let own = select(len, params.total_len, params.total_len > 0u) + qi + 1u;
     let visible = min(len, select(0u, own - params.n_q, own >= params.n_q));
-    let start = params.skip + split * params.split_len;
-    let end = min(visible, start + params.split_len);
+    // The full-precision window of recent tokens: the main region stops before it, the window
+    // region holds nothing else.
+    var lo = params.skip;
+    var hi = visible;
+    if (params.recent_mode == 1u) {
+        hi = select(0u, visible - params.recent, visible >= params.recent);
+    } else if (params.recent_mode == 2u && visible >= params.recent) {
+        lo = max(lo, visible - params.recent);
+    }
+    let start = lo + split * params.split_len;
+    let end = min(hi, start + params.split_len);
 
     prepare_query((qi * params.n_heads + hq) * D, lid);
     fmt_prepare(lid, WG);
+    var q_center = 0.0;
+    if (HAS_CENTER) {
+        let qbase = (qi * params.n_heads + hq) * D;
+        for (var c = 0u; c < D; c++) {
+            q_center += q[qbase + c] * bias[h * D + c];
+        }
+        q_center *= params.scale;
+    }
 
     // The value codebook in registers, for lookups by selects.
     var vcb: array<f32, 16>;
@@ -317,9 +350,9 @@ fn main(@builtin(local_invocation_index) lid: u32,
         let t = base + lid;
         var s = NEG_BIG;
         if (t < end) {
-            s = key_dot(first + t);
+            s = key_dot(slot(first, t)) + q_center;
             if (HAS_BIAS) {
-                s += bias[first + t];
+                s += bias[slot(first, t)];
             }
         }
         let m_new = max(m, wg_max(s, lid, WG));
@@ -329,7 +362,7 @@ fn main(@builtin(local_invocation_index) lid: u32,
         }
         // TurboQuant values: fold the token's scale into its weight once, not once per dimension.
         if (FMT_KIND == 4u && t < end) {
-            probs[lid] = p * fmt_scale(first + t, 0u);
+            probs[lid] = p * fmt_scale(slot(first, t), 0u);
         } else {
             probs[lid] = p;
         }
@@ -341,18 +374,19 @@ fn main(@builtin(local_invocation_index) lid: u32,
         for (var tt = r; tt < WG; tt += groups) {
             if (base + tt < end) {
                 let pt = probs[tt];
+                let i = slot(first, base + tt);
                 if (FMT_KIND == 4u) {
-                    let c = fmt_code(first + base + tt, j * FMT_BITS_A, FMT_BITS_A);
+                    let c = fmt_code(i, j * FMT_BITS_A, FMT_BITS_A);
                     if (CB_SELECT) {
                         acc += pt * cb_select(vcb, c, FMT_BITS_A);
                     } else {
                         acc += pt * fcb[c];
                     }
                 } else {
-                    acc += pt * fmt_value(first + base + tt, j);
+                    acc += pt * fmt_value(i, j);
                 }
                 if (FMT_KIND == 5u) {
-                    acc_qjl += pt * fmt_qjl(first + base + tt, j);
+                    acc_qjl += pt * fmt_qjl(i, j);
                 }
             }
         }

@@ -76,7 +76,7 @@ fn encode_one(v: u32, i: u32, slot: u32, lid: u32) -> bool {
     var bad_local = 0.0;
     for (var j = lid; j < D; j += WG) {
         var ch = j;
-        if (FMT_KIND == 6u || (FMT_KIND == 7u && fmt_aux[0] == 6u)) {
+        if (FMT_KIND == 6u || (FMT_KIND >= 7u && fmt_aux[0] == 6u)) {
             ch = fmt_aux[fmt_aux[AUX_PERM] + j];
         }
         let x = xs[src + ch];
@@ -91,7 +91,7 @@ fn encode_one(v: u32, i: u32, slot: u32, lid: u32) -> bool {
         for (var j = lid; j < D; j += WG) {
             fmt_page[i * cw + j] = select(bitcast<u32>(tw[j]), 0u, bad);
         }
-    } else if (FMT_KIND == 7u) {
+    } else if (FMT_KIND == 7u || FMT_KIND == 8u) {
         // y = H·D·x per part (no normalization, no quantization): the TurboQuant codec's domain.
         let aux_kind = fmt_aux[0];
         if (aux_kind >= 4u) {
@@ -110,8 +110,23 @@ fn encode_one(v: u32, i: u32, slot: u32, lid: u32) -> bool {
             }
             wht_blocks(lid, WG, n, D);
         }
-        for (var j = lid; j < D; j += WG) {
-            fmt_page[i * cw + j] = select(bitcast<u32>(tw[j]), 0u, bad);
+        if (FMT_KIND == 7u) {
+            for (var j = lid; j < D; j += WG) {
+                fmt_page[i * cw + j] = select(bitcast<u32>(tw[j]), 0u, bad);
+            }
+        } else {
+            // f16: a rotated coordinate out of f16 range refuses the vector.
+            var big = 0.0;
+            for (var j = lid; j < D; j += WG) {
+                if (abs(tw[j]) > F16_MAX) {
+                    big = 1.0;
+                }
+            }
+            bad = bad || wg_sum(big, lid, WG) > 0.0;
+            for (var w = lid; w < D / 2u; w += WG) {
+                let h = pack2x16float(vec2<f32>(tw[2u * w], tw[2u * w + 1u]));
+                fmt_page[i * cw + w] = select(h, 0u, bad);
+            }
         }
     } else if (FMT_KIND == 1u) {
         for (var w = lid; w < D / 2u; w += WG) {

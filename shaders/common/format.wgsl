@@ -9,7 +9,8 @@
 
 override D: u32 = 64u;
 // 0 f32, 1 f16, 2 q8_0, 3 q4_0, 4 turbo, 5 turbo_prod, 6 turbo_split,
-// 7 f32 in the rotated domain of the aux's codec (full-precision tokens beside a TurboQuant page)
+// 7 f32 in the rotated domain of the aux's codec (full-precision tokens beside a TurboQuant page),
+// 8 f16 in that rotated domain
 override FMT_KIND: u32 = 0u;
 // turbo: bits; prod: bits of the MSE part (b - 1); split: bits of the outlier half
 override FMT_BITS_A: u32 = 0u;
@@ -50,7 +51,7 @@ fn fmt_aux_f32(k: u32) -> f32 {
 fn code_words_of(kind: u32, bits_a: u32, bits_b: u32) -> u32 {
     switch kind {
         case 0u, 7u: { return D; }
-        case 1u: { return D / 2u; }
+        case 1u, 8u: { return D / 2u; }
         case 2u: { return D / 4u; }
         case 3u: { return D / 8u; }
         case 4u: { return bits_a * D / 32u; }
@@ -103,7 +104,7 @@ fn fmt_value(i: u32, j: u32) -> f32 {
         case 0u, 7u: {
             return bitcast<f32>(fmt_page[base + j]);
         }
-        case 1u: {
+        case 1u, 8u: {
             return half_from_word(fmt_page[base + j / 2u], j);
         }
         case 2u: {

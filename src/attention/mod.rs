@@ -40,9 +40,41 @@ pub struct KvPages<'a> {
     /// Tokens at the start of every head that this region leaves out (another region, such as
     /// the full-precision attention sinks, holds them).
     pub skip: usize,
-    /// The value page holds plain f32 in `v_codec`'s rotated domain (written by
-    /// [`GpuCodec::encode_rotated_f32_into`]) rather than `v_codec`'s codes.
-    pub v_rotated_f32: bool,
+    /// How the value page stores its vectors.
+    pub values: ValueStore,
+    /// 0: token t of a head is at page index `first + t`; else the head's tokens are a ring of
+    /// this many slots and token t is at `first + t % ring` (the window of recent tokens).
+    pub ring: usize,
+    /// Which of the visible tokens (by position) this region holds.
+    pub recent: Recent,
+    /// The keys were stored centered, `k − μ` with `μ` per KV head (`n_kv_heads × head_dim`
+    /// floats): attention adds `⟨q, μ⟩/√d` to every score of the region. Not with `bias` (both
+    /// would take the same binding: eight storage buffers is the portable limit).
+    pub center: Option<&'a GpuVec<f32>>,
+}
+
+/// How a region's value page stores its vectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueStore {
+    /// `v_codec`'s codes.
+    Codes,
+    /// Plain f32 in `v_codec`'s rotated domain ([`GpuCodec::encode_rotated_f32_into`]).
+    RotatedF32,
+    /// f16 in `v_codec`'s rotated domain ([`GpuCodec::encode_rotated_f16_into`]).
+    RotatedF16,
+}
+
+/// Which tokens of a region a query sees, besides causality: counted in positions back from the
+/// query's own (the query's own position is the first of its last `n`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recent {
+    /// Every visible token.
+    All,
+    /// All but the query's last `n` positions (a compressed region beside a window of recent
+    /// tokens).
+    Before(usize),
+    /// Only the query's last `n` positions (the window of recent tokens).
+    Last(usize),
 }
 
 #[repr(C)]
@@ -60,6 +92,10 @@ struct DecodeParams {
     skip: u32,
     split_base: u32,
     split_stride: u32,
+    ring: u32,
+    recent: u32,
+    recent_mode: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -86,9 +122,10 @@ pub struct AttentionScratch {
 
 impl AttentionScratch {
     /// Scratch for `n_q` positions over contexts up to `max_len` tokens.
-    /// Room is left for one extra region (attention sinks) beside the main one.
+    /// Room is left for two extra regions of up to [`SPLIT_TOKENS`] tokens each beside the main
+    /// one (attention sinks, the window of recent tokens).
     pub fn new(gpu: &Gpu, shape: AttentionShape, n_q: usize, max_len: usize) -> Self {
-        let n_splits = max_len.div_ceil(SPLIT_TOKENS).max(1) + 1;
+        let n_splits = max_len.div_ceil(SPLIT_TOKENS).max(1) + 2;
         let floats = n_q * shape.n_heads * n_splits * (2 + 2 * shape.head_dim);
         AttentionScratch {
             partials: gpu.zeros("attention partials", floats),
@@ -98,10 +135,11 @@ impl AttentionScratch {
 }
 
 fn region_splits(kv: &KvPages<'_>) -> usize {
-    kv.max_len
-        .saturating_sub(kv.skip)
-        .div_ceil(SPLIT_TOKENS)
-        .max(1)
+    let tokens = match kv.recent {
+        Recent::Last(n) => n.min(kv.max_len.saturating_sub(kv.skip)),
+        _ => kv.max_len.saturating_sub(kv.skip),
+    };
+    tokens.div_ceil(SPLIT_TOKENS).max(1)
 }
 
 /// Record attention of `n_q` query positions (`q`: n_q × n_heads × head_dim, the last `n_q` tokens
@@ -146,14 +184,21 @@ pub fn decode_attention_into(
                 "CB_SELECT",
                 if scratch.codebook_selects { 1.0 } else { 0.0 },
             ),
+            ("HAS_CENTER", if kv.center.is_some() { 1.0 } else { 0.0 }),
         ];
         let k_format = kv.k_codec.codec().format();
         let v_format = kv.v_codec.codec().format();
         constants.extend(format_constants("K_", &k_format));
-        if kv.v_rotated_f32 {
-            constants.extend([("FMT_KIND", 7.0), ("FMT_BITS_A", 0.0), ("FMT_BITS_B", 0.0)]);
-        } else {
-            constants.extend(format_constants("", &v_format));
+        match kv.values {
+            ValueStore::Codes => constants.extend(format_constants("", &v_format)),
+            ValueStore::RotatedF32 | ValueStore::RotatedF16 => {
+                let kind = if kv.values == ValueStore::RotatedF32 {
+                    7.0
+                } else {
+                    8.0
+                };
+                constants.extend([("FMT_KIND", kind), ("FMT_BITS_A", 0.0), ("FMT_BITS_B", 0.0)]);
+            }
         }
         let kernel = gpu.pipeline(
             "attention/decode",
@@ -171,6 +216,11 @@ pub fn decode_attention_into(
                 Binding::RW,
             ],
         )?;
+        let (recent_mode, recent) = match kv.recent {
+            Recent::All => (0, 0),
+            Recent::Before(n) => (1, n),
+            Recent::Last(n) => (2, n),
+        };
         let params = DecodeParams {
             n_q: n_q as u32,
             n_heads: shape.n_heads as u32,
@@ -190,11 +240,24 @@ pub fn decode_attention_into(
             skip: kv.skip as u32,
             split_base: split_base as u32,
             split_stride: stride as u32,
+            ring: kv.ring as u32,
+            recent: recent as u32,
+            recent_mode,
+            _pad: 0,
         };
         split_base += n_splits;
         let ub = gpu.uniform("attention params", &params);
-        // The bias binding must be bound even when unused; the page is a harmless stand-in.
-        let bias = kv.bias.map(|b| b.buffer()).unwrap_or(kv.k_page.buffer());
+        // Bias or key means share binding 7; it must be bound even when unused (the page is a
+        // harmless stand-in).
+        let bias = match (kv.bias, kv.center) {
+            (Some(_), Some(_)) => {
+                return Err(GpuError::Invalid(
+                    "a KV region cannot have both a per-key bias and centered keys".into(),
+                ))
+            }
+            (Some(b), None) | (None, Some(b)) => b.buffer(),
+            (None, None) => kv.k_page.buffer(),
+        };
         batch.dispatch(
             &kernel,
             &[

@@ -5,7 +5,9 @@
 use super::GpuArgs;
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use kvpack::attention::{decode_attention_into, AttentionScratch, AttentionShape, KvPages};
+use kvpack::attention::{
+    decode_attention_into, AttentionScratch, AttentionShape, KvPages, Recent, ValueStore,
+};
 use kvpack::codec::gpu::{page_words, EncodeArgs, GpuCodec};
 use kvpack::codec::rng::SplitMix64;
 use kvpack::codec::{Codec, KvFormat};
@@ -262,7 +264,10 @@ fn kernels(
                 max_len: ctx,
                 bias: None,
                 skip: 0,
-                v_rotated_f32: false,
+                values: ValueStore::Codes,
+                ring: 0,
+                recent: Recent::All,
+                center: None,
             };
             let (ms, cpu_ms) = median_ms(&gpu, reps, |b| {
                 decode_attention_into(

@@ -4,7 +4,7 @@ use super::generate::ModelArgs;
 use super::GpuArgs;
 use anyhow::Result;
 use clap::Args;
-use kvpack::codec::KvFormat;
+use kvpack::kv::KvRecipe;
 use kvpack::model::generate::generate;
 use kvpack::model::llama::Session;
 use kvpack::model::sampler::Sampler;
@@ -21,6 +21,9 @@ pub struct ChatArgs {
     /// The first N tokens (attention sinks) are also kept in full precision.
     #[arg(long, default_value_t = 4)]
     sinks: usize,
+    /// Each token also reads the N tokens before it from a full-precision (f16) window.
+    #[arg(long, default_value_t = 0)]
+    recent: usize,
     /// Tokens the conversation can hold.
     #[arg(long, default_value_t = 2048)]
     context: usize,
@@ -45,12 +48,12 @@ pub struct ChatArgs {
 }
 
 pub fn run(gpu_args: &GpuArgs, a: ChatArgs) -> Result<()> {
-    let kv: KvFormat = a.kv.parse()?;
+    let kv = KvRecipe::parse_with(&a.kv, a.sinks, a.recent)?;
     let gpu = gpu_args.open()?;
     let loaded = a.model.load(&gpu, false)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
-    kv.validate_dim(model.config.head_dim)?;
-    let mut session = Session::new(&gpu, model, kv, None, a.context, a.sinks)?;
+    kv.format.validate_dim(model.config.head_dim)?;
+    let mut session = Session::new(&gpu, model, &kv, a.context)?;
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
     let special = EncodeOptions {
         parse_special: true,
@@ -86,7 +89,7 @@ pub fn run(gpu_args: &GpuArgs, a: ChatArgs) -> Result<()> {
                 continue;
             }
             "/reset" => {
-                session = Session::new(&gpu, model, kv, None, a.context, a.sinks)?;
+                session = Session::new(&gpu, model, &kv, a.context)?;
                 pending = format!("<|im_start|>system\n{}<|im_end|>\n", a.system);
                 eprintln!("(new conversation)");
                 continue;

@@ -3,8 +3,8 @@
 use super::GpuArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kvpack::codec::KvFormat;
 use kvpack::gpu::Gpu;
+use kvpack::kv::KvRecipe;
 use kvpack::model::generate::{chat_prompt, generate, DEFAULT_SYSTEM};
 use kvpack::model::llama::{Llama, Session};
 use kvpack::model::sampler::Sampler;
@@ -94,6 +94,9 @@ pub struct GenerateArgs {
     /// The first N tokens (attention sinks) are also kept in full precision (0: none).
     #[arg(long, default_value_t = 4)]
     sinks: usize,
+    /// Each token also reads the N tokens before it from a full-precision (f16) window (0: none).
+    #[arg(long, default_value_t = 0)]
+    recent: usize,
     /// Tokens the cache can hold (prompt + generated).
     #[arg(long, default_value_t = 2048)]
     context: usize,
@@ -103,14 +106,14 @@ pub struct GenerateArgs {
 }
 
 pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
-    let kv: KvFormat = a.kv.parse()?;
+    let kv = KvRecipe::parse_with(&a.kv, a.sinks, a.recent)?;
     if a.prompt.is_empty() {
         bail!("--prompt is empty: give the text to continue");
     }
     let gpu = gpu_args.open()?;
     let loaded = a.model.load(&gpu, a.json)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
-    kv.validate_dim(model.config.head_dim)?;
+    kv.format.validate_dim(model.config.head_dim)?;
     let text = if a.chat {
         chat_prompt(DEFAULT_SYSTEM, &a.prompt)
     } else {
@@ -134,7 +137,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             a.context
         );
     }
-    let mut session = Session::new(&gpu, model, kv, None, a.context, a.sinks)?;
+    let mut session = Session::new(&gpu, model, &kv, a.context)?;
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
 
     let stdout = std::io::stdout();

@@ -5,7 +5,7 @@ use super::generate::ModelArgs;
 use super::{plot, GpuArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kvpack::codec::KvFormat;
+use kvpack::kv::KvRecipe;
 use kvpack::model::llama::{Logits, Session};
 use kvpack::model::EncodeOptions;
 use serde::Serialize;
@@ -21,11 +21,12 @@ pub struct PplArgs {
     /// Tokens per evaluated context.
     #[arg(long, default_value_t = 512)]
     tokens: usize,
-    /// KV formats to compare; the f32 cache is always run first as the reference.
+    /// KV formats, recipes (`k4v2+s4+r16+c`) or presets (`tq3`, `tq4`) to compare; the f32
+    /// cache is always run first as the reference.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "f32,q8_0,q4_0,turbo4,turbo3,turbo2,k4v2"
+        default_value = "f32,q8_0,q4_0,turbo4,turbo3,tq4,tq3"
     )]
     kv: Vec<String>,
     /// Cut the text into C chunks of --tokens tokens and score only the second half of each
@@ -36,6 +37,10 @@ pub struct PplArgs {
     /// paper-faithful cache).
     #[arg(long, default_value_t = 0)]
     sinks: usize,
+    /// Each token also reads the N tokens before it from a full-precision (f16) window (0: none).
+    /// Like --sinks, it applies to plain formats, not to recipes and presets.
+    #[arg(long, default_value_t = 0)]
+    recent: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -71,8 +76,12 @@ fn argmax(row: &[f32]) -> usize {
 }
 
 pub fn run(gpu_args: &GpuArgs, a: PplArgs) -> Result<()> {
-    let mut formats: Vec<KvFormat> = a.kv.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
-    let f32_fmt: KvFormat = "f32".parse()?;
+    let mut formats: Vec<KvRecipe> =
+        a.kv.iter()
+            .map(|s| KvRecipe::parse_with(s, a.sinks, a.recent))
+            .collect::<Result<_, _>>()?;
+    // The reference: the f32 cache with nothing else.
+    let f32_fmt = KvRecipe::plain("f32".parse()?, 0);
     formats.retain(|f| *f != f32_fmt);
     formats.insert(0, f32_fmt);
     if a.tokens < 2 {
@@ -104,7 +113,7 @@ pub fn run(gpu_args: &GpuArgs, a: PplArgs) -> Result<()> {
         );
     }
     for f in &formats {
-        f.validate_dim(loaded.model.config.head_dim)?;
+        f.format.validate_dim(loaded.model.config.head_dim)?;
     }
     let vocab = loaded.model.config.vocab_size.max(1);
     // Score positions: predictions of token i+1 from position i.
@@ -113,6 +122,7 @@ pub fn run(gpu_args: &GpuArgs, a: PplArgs) -> Result<()> {
     let mut kl = vec![0f64; formats.len()];
     let mut agree = vec![0usize; formats.len()];
     let mut kv_bytes = vec![0u64; formats.len()];
+    let mut bits = vec![0f64; formats.len()];
     let mut count = 0usize;
     let bar = if a.json {
         indicatif::ProgressBar::hidden()
@@ -125,7 +135,7 @@ pub fn run(gpu_args: &GpuArgs, a: PplArgs) -> Result<()> {
         let mut ref_top = Vec::new();
         for (fi, f) in formats.iter().enumerate() {
             bar.set_message(f.to_string());
-            let mut session = Session::new(&gpu, &loaded.model, *f, None, a.tokens, a.sinks)?;
+            let mut session = Session::new(&gpu, &loaded.model, f, a.tokens)?;
             let logits = pollster::block_on(session.forward(&gpu, toks, Logits::All))?;
             let v = logits.len() / toks.len();
             debug_assert!(v >= vocab.min(v));
@@ -149,18 +159,18 @@ pub fn run(gpu_args: &GpuArgs, a: PplArgs) -> Result<()> {
                 }
             }
             kv_bytes[fi] = session.cache().bytes();
+            bits[fi] = session.cache().bits_per_value();
             bar.inc(1);
         }
         count += toks.len() - 1 - first_scored;
     }
     bar.finish_and_clear();
-    let d = loaded.model.config.head_dim;
     let rows: Vec<Row> = formats
         .iter()
         .enumerate()
         .map(|(i, f)| Row {
             kv: f.to_string(),
-            bits_per_value: f.bits_per_value(d),
+            bits_per_value: bits[i],
             ppl: (nll[i] / count as f64).exp(),
             kl: kl[i] / count as f64,
             top1_agreement: agree[i] as f64 / count as f64,
@@ -214,13 +224,13 @@ pub fn run(gpu_args: &GpuArgs, a: PplArgs) -> Result<()> {
             a.text.display()
         );
         println!(
-            "{:<16} {:>7} {:>9} {:>8} {:>9} {:>7} {:>10}",
+            "{:<24} {:>7} {:>9} {:>8} {:>9} {:>7} {:>10}",
             "kv", "bits/v", "ppl", "Δppl", "KL", "top-1", "KV bytes"
         );
         let base = rows[0].ppl;
         for r in &rows {
             println!(
-                "{:<16} {:>7.3} {:>9.3} {:>+7.2}% {:>9.5} {:>7.3} {:>10}",
+                "{:<24} {:>7.3} {:>9.3} {:>+7.2}% {:>9.5} {:>7.3} {:>10}",
                 r.kv,
                 r.bits_per_value,
                 r.ppl,

@@ -148,11 +148,34 @@ impl GpuCodec {
         batch: &mut Batch<'_>,
         a: &EncodeArgs<'_>,
     ) -> Result<(), GpuError> {
+        self.encode_rotated(gpu, batch, a, 7)
+    }
+
+    /// [`GpuCodec::encode_rotated_f32_into`] with f16 coordinates: `d / 2` words per vector, each
+    /// word two coordinates (`pack2x16float`, coordinate 2i in the low half). A vector with a
+    /// rotated coordinate beyond the f16 range is stored as zero and counted in `status`.
+    pub fn encode_rotated_f16_into(
+        &self,
+        gpu: &Gpu,
+        batch: &mut Batch<'_>,
+        a: &EncodeArgs<'_>,
+    ) -> Result<(), GpuError> {
+        self.encode_rotated(gpu, batch, a, 8)
+    }
+
+    fn encode_rotated(
+        &self,
+        gpu: &Gpu,
+        batch: &mut Batch<'_>,
+        a: &EncodeArgs<'_>,
+        kind: u32,
+    ) -> Result<(), GpuError> {
         let mut constants = self.constants(self.wg());
-        // Kind 7 keeps the format's bits (which tell a split format) and its aux (signs, perm).
+        // Kinds 7 and 8 keep the format's bits (which tell a split format) and its aux (signs, perm).
         constants.retain(|(k, _)| *k != "FMT_KIND");
-        constants.push(("FMT_KIND", 7.0));
-        self.dispatch_encode(gpu, batch, &constants, a.capacity * self.d(), a)
+        constants.push(("FMT_KIND", kind as f64));
+        let words = if kind == 8 { self.d() / 2 } else { self.d() };
+        self.dispatch_encode(gpu, batch, &constants, a.capacity * words, a)
     }
 
     fn dispatch_encode(

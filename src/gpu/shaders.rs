@@ -21,6 +21,7 @@ shader_files!(
     "codec/decode.wgsl",
     "attention/decode.wgsl",
     "attention/combine.wgsl",
+    "kv/center.wgsl",
     "gpu/copy.wgsl",
     "common/ggml.wgsl",
     "model/matmul.wgsl",

@@ -4,11 +4,26 @@
 //!
 //! Head `h` of a layer owns page slots `[h·capacity, h·capacity + len)`; the heads table
 //! `(first slot, length)` that attention reads is shared by all layers.
+//!
+//! Beside the compressed pages a cache may keep in f16 (values in the value codec's rotated
+//! domain): the first `sinks` tokens (attention sinks), and a window of the `recent` tokens
+//! before each query, a ring of `recent + MAX_APPEND` slots per head. Every token is also
+//! quantized on write into the compressed pages; attention reads each token from exactly one
+//! place, chosen per query by position, so chunked prefill sees what token-by-token decoding sees.
+//! Keys may be stored centered (`k − μ`, see `shaders/kv/center.wgsl`).
 
-use crate::attention::KvPages;
+mod recipe;
+
+pub use recipe::KvRecipe;
+
+use crate::attention::{KvPages, Recent, ValueStore, SPLIT_TOKENS};
 use crate::codec::gpu::{page_words, EncodeArgs, GpuCodec};
-use crate::codec::{Codec, CodecError, KvFormat};
-use crate::gpu::{Batch, Gpu, GpuError, GpuVec};
+use crate::codec::{Codec, CodecError, KvFormat, VecFormat};
+use crate::gpu::{grid, Batch, Binding, Gpu, GpuError, GpuVec};
+
+/// Most tokens one append may add when the cache keeps a window of recent tokens (the ring holds
+/// the window plus one append).
+pub const MAX_APPEND: usize = 64;
 
 /// Errors of the KV cache.
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +66,15 @@ pub struct KvConfig {
     pub layer_formats: Option<Vec<KvFormat>>,
     /// Seed of the rotations; each layer's keys and values get their own stream.
     pub seed: u64,
-    /// The first `sinks` tokens (attention sinks) are also kept in full precision (f32), and
+    /// The first `sinks` tokens (attention sinks) are also kept in full precision (f16), and
     /// attention reads them from there: quantizing them can derail a small model.
     pub sinks: usize,
+    /// Each query reads the `recent` tokens before it (and itself) from a full-precision (f16)
+    /// window instead of the compressed pages. At most `SPLIT_TOKENS − 1`.
+    pub recent: usize,
+    /// Store keys centered by a per-channel mean per layer and KV head, estimated from the
+    /// first append's tokens past the sinks; attention adds `⟨q, μ⟩` back.
+    pub center_keys: bool,
 }
 
 impl KvConfig {
@@ -73,6 +94,18 @@ struct LayerCache {
     v_page: GpuVec<u32>,
     sink_k_page: GpuVec<u32>,
     sink_v_page: GpuVec<u32>,
+    win_k_page: GpuVec<u32>,
+    win_v_page: GpuVec<u32>,
+    k_mean: GpuVec<f32>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct CenterParams {
+    n: u32,
+    first: u32,
+    width: u32,
+    _pad: u32,
 }
 
 /// A compressed KV cache on the GPU.
@@ -80,9 +113,13 @@ pub struct KvCache {
     config: KvConfig,
     layers: Vec<LayerCache>,
     heads: GpuVec<u32>,
-    sink_k: GpuCodec,
+    exact_k: GpuCodec,
     sink_heads: GpuVec<u32>,
+    win_heads: GpuVec<u32>,
+    centered: GpuVec<f32>,
     len: usize,
+    /// First position of the append that estimates the key means (once it has begun).
+    mean_append: Option<usize>,
 }
 
 impl KvCache {
@@ -97,8 +134,16 @@ impl KvCache {
                 )));
             }
         }
+        if config.recent >= SPLIT_TOKENS {
+            return Err(KvError::Config(format!(
+                "a window of {} recent tokens is too long: at most {}",
+                config.recent,
+                SPLIT_TOKENS - 1
+            )));
+        }
         let d = config.head_dim;
         let slots = config.n_kv_heads * config.capacity;
+        let ring = config.recent + MAX_APPEND;
         let mut layers = Vec::with_capacity(config.n_layer);
         for l in 0..config.n_layer {
             let f = config.format_of(l);
@@ -106,26 +151,52 @@ impl KvCache {
             let seed = config.seed.wrapping_add(2 * l as u64 * 0x9E37_79B9);
             let k = GpuCodec::new(gpu, Codec::with_seed(f.k, d, seed)?);
             let v = GpuCodec::new(gpu, Codec::with_seed(f.v, d, seed + 1)?);
-            let sink_words = (config.n_kv_heads * config.sinks * d).max(1);
+            // f16: d / 2 words per vector.
+            let sink_words = (config.n_kv_heads * config.sinks * d / 2).max(1);
+            let win_words = if config.recent > 0 {
+                config.n_kv_heads * ring * d / 2
+            } else {
+                1
+            };
+            let mean_floats = if config.center_keys {
+                config.n_kv_heads * d
+            } else {
+                1
+            };
             layers.push(LayerCache {
                 k_page: gpu.zeros(&format!("k page {l}"), page_words(&f.k, d, slots)),
                 v_page: gpu.zeros(&format!("v page {l}"), page_words(&f.v, d, slots)),
                 sink_k_page: gpu.zeros(&format!("sink k page {l}"), sink_words),
                 sink_v_page: gpu.zeros(&format!("sink v page {l}"), sink_words),
+                win_k_page: gpu.zeros(&format!("window k page {l}"), win_words),
+                win_v_page: gpu.zeros(&format!("window v page {l}"), win_words),
+                k_mean: gpu.zeros(&format!("k mean {l}"), mean_floats),
                 k,
                 v,
             });
         }
         let heads = gpu.zeros("kv heads", 2 * config.n_kv_heads);
         let sink_heads = gpu.zeros("kv sink heads", 2 * config.n_kv_heads);
-        let sink_k = GpuCodec::new(gpu, Codec::with_seed(crate::codec::VecFormat::F32, d, 0)?);
+        let win_heads = gpu.zeros("kv window heads", 2 * config.n_kv_heads);
+        let exact_k = GpuCodec::new(gpu, Codec::with_seed(VecFormat::F16, d, 0)?);
+        let centered = gpu.zeros(
+            "centered keys",
+            if config.center_keys {
+                MAX_APPEND * config.n_kv_heads * d
+            } else {
+                1
+            },
+        );
         let cache = KvCache {
             config,
             layers,
             heads,
-            sink_k,
+            exact_k,
             sink_heads,
+            win_heads,
+            centered,
             len: 0,
+            mean_append: None,
         };
         cache.write_heads(gpu, 0);
         Ok(cache)
@@ -160,6 +231,15 @@ impl KvCache {
             })
             .collect();
         self.sink_heads.write(gpu, &sinks);
+        let ring = self.ring_slots();
+        let window: Vec<u32> = (0..self.config.n_kv_heads)
+            .flat_map(|h| [(h * ring) as u32, len as u32])
+            .collect();
+        self.win_heads.write(gpu, &window);
+    }
+
+    fn ring_slots(&self) -> usize {
+        self.config.recent + MAX_APPEND
     }
 
     /// Make room for `n` more tokens: the heads table already counts them (attention recorded
@@ -172,7 +252,15 @@ impl KvCache {
                 more: n,
             });
         }
+        if (self.config.recent > 0 || self.config.center_keys) && n > MAX_APPEND {
+            return Err(KvError::Config(format!(
+                "{n} tokens appended at once: a cache with a recent window or centered keys takes at most {MAX_APPEND}"
+            )));
+        }
         let first = self.len;
+        if self.config.center_keys && self.mean_append.is_none() && first + n > self.config.sinks {
+            self.mean_append = Some(first);
+        }
         self.len += n;
         self.write_heads(gpu, self.len);
         Ok(first)
@@ -195,8 +283,19 @@ impl KvCache {
         let c = &self.config;
         let lc = &self.layers[layer];
         let slots = c.n_kv_heads * c.capacity;
+        let width = c.n_kv_heads * c.head_dim;
+        let k_main = if c.center_keys {
+            if self.mean_append == Some(first) {
+                let skip = c.sinks.saturating_sub(first);
+                self.center(gpu, batch, true, k, n, skip, &lc.k_mean)?;
+            }
+            self.center(gpu, batch, false, k, n, 0, &lc.k_mean)?;
+            &self.centered
+        } else {
+            k
+        };
         for h in 0..c.n_kv_heads {
-            for (codec, xs, page) in [(&lc.k, k, &lc.k_page), (&lc.v, v, &lc.v_page)] {
+            for (codec, xs, page) in [(&lc.k, k_main, &lc.k_page), (&lc.v, v, &lc.v_page)] {
                 codec.encode_into(
                     gpu,
                     batch,
@@ -226,16 +325,84 @@ impl KvCache {
                     dst_first: h * c.sinks + first,
                     status,
                 };
-                self.sink_k
+                self.exact_k
                     .encode_into(gpu, batch, &args(k, &lc.sink_k_page))?;
-                lc.v.encode_rotated_f32_into(gpu, batch, &args(v, &lc.sink_v_page))?;
+                lc.v.encode_rotated_f16_into(gpu, batch, &args(v, &lc.sink_v_page))?;
+            }
+            // The window ring: position p at slot p mod ring, in at most two runs.
+            if c.recent > 0 {
+                let ring = self.ring_slots();
+                let at = first % ring;
+                let run = n.min(ring - at);
+                for (skip, count, dst) in [(0, run, at), (run, n - run, 0)] {
+                    if count == 0 {
+                        continue;
+                    }
+                    let args = |xs, page| EncodeArgs {
+                        xs,
+                        src_offset: h * c.head_dim + skip * width,
+                        src_stride: width,
+                        n: count,
+                        page,
+                        capacity: c.n_kv_heads * ring,
+                        dst_first: h * ring + dst,
+                        status,
+                    };
+                    self.exact_k
+                        .encode_into(gpu, batch, &args(k, &lc.win_k_page))?;
+                    lc.v.encode_rotated_f16_into(gpu, batch, &args(v, &lc.win_v_page))?;
+                }
             }
         }
         Ok(())
     }
 
-    /// Layer `layer`'s regions, for attention: the compressed pages (past the sinks), then the
-    /// full-precision sinks when the cache keeps any.
+    /// Record `shaders/kv/center.wgsl`: the means of tokens `skip..n` of `k` into `mean`, or
+    /// `k − mean` for tokens `0..n` into the centered scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn center(
+        &self,
+        gpu: &Gpu,
+        batch: &mut Batch<'_>,
+        estimate: bool,
+        k: &GpuVec<f32>,
+        n: usize,
+        skip: usize,
+        mean: &GpuVec<f32>,
+    ) -> Result<(), KvError> {
+        let width = self.config.n_kv_heads * self.config.head_dim;
+        let kernel = gpu.pipeline(
+            "kv/center",
+            "main",
+            &[("MEAN", if estimate { 1.0 } else { 0.0 }), ("WG", 64.0)],
+            &[Binding::Uniform, Binding::READ, Binding::RW, Binding::RW],
+        )?;
+        let params = CenterParams {
+            n: n as u32,
+            first: skip as u32,
+            width: width as u32,
+            _pad: 0,
+        };
+        let ub = gpu.uniform("center params", &params);
+        let count = if estimate { width } else { n * width };
+        batch.dispatch(
+            &kernel,
+            &[&ub, k.buffer(), mean.buffer(), self.centered.buffer()],
+            grid(count.div_ceil(64) as u32),
+        );
+        Ok(())
+    }
+
+    /// Layer `layer`'s key means (`n_kv_heads × head_dim` floats, zero until estimated), when
+    /// keys are stored centered.
+    pub fn key_mean(&self, layer: usize) -> Option<&GpuVec<f32>> {
+        self.config
+            .center_keys
+            .then_some(&self.layers[layer].k_mean)
+    }
+
+    /// Layer `layer`'s regions, for attention: the compressed pages (past the sinks and before
+    /// the window), then the full-precision sinks and the window when the cache keeps them.
     pub fn pages(&self, layer: usize) -> Vec<KvPages<'_>> {
         let lc = &self.layers[layer];
         let c = &self.config;
@@ -249,11 +416,18 @@ impl KvCache {
             max_len: self.len,
             bias: None,
             skip: c.sinks,
-            v_rotated_f32: false,
+            values: ValueStore::Codes,
+            ring: 0,
+            recent: if c.recent > 0 {
+                Recent::Before(c.recent + 1)
+            } else {
+                Recent::All
+            },
+            center: self.key_mean(layer),
         }];
         if c.sinks > 0 {
             regions.push(KvPages {
-                k_codec: &self.sink_k,
+                k_codec: &self.exact_k,
                 v_codec: &lc.v,
                 k_page: &lc.sink_k_page,
                 v_page: &lc.sink_v_page,
@@ -262,14 +436,35 @@ impl KvCache {
                 max_len: self.len.min(c.sinks),
                 bias: None,
                 skip: 0,
-                v_rotated_f32: true,
+                values: ValueStore::RotatedF16,
+                ring: 0,
+                recent: Recent::All,
+                center: None,
+            });
+        }
+        if c.recent > 0 {
+            regions.push(KvPages {
+                k_codec: &self.exact_k,
+                v_codec: &lc.v,
+                k_page: &lc.win_k_page,
+                v_page: &lc.win_v_page,
+                capacity: c.n_kv_heads * self.ring_slots(),
+                heads: &self.win_heads,
+                max_len: self.len,
+                bias: None,
+                skip: c.sinks,
+                values: ValueStore::RotatedF16,
+                ring: self.ring_slots(),
+                recent: Recent::Last(c.recent + 1),
+                center: None,
             });
         }
         regions
     }
 
     /// Exact bytes that the stored tokens occupy: codes plus scales of every stored vector, in
-    /// every layer, for keys and values (the page's unused capacity is not counted).
+    /// every layer, for keys and values (the page's unused capacity is not counted), plus the
+    /// f16 copies of the sinks and of the recent window, plus the key means (f32).
     pub fn bytes(&self) -> u64 {
         let d = self.config.head_dim;
         let per_head_tokens = self.len;
@@ -281,12 +476,33 @@ impl KvCache {
             })
             .sum::<u64>()
             + self.sink_bytes()
+            + self.window_bytes()
+            + self.mean_bytes()
     }
 
-    /// Bytes of the full-precision sink copies (f32 keys and values).
+    /// Bytes of the full-precision sink copies (f16 keys and values).
     pub fn sink_bytes(&self) -> u64 {
         let c = &self.config;
-        (c.n_layer * c.n_kv_heads * self.len.min(c.sinks) * 2 * c.head_dim * 4) as u64
+        (c.n_layer * c.n_kv_heads * self.len.min(c.sinks) * 2 * c.head_dim * 2) as u64
+    }
+
+    /// Bytes of the window of recent tokens (f16 keys and values): the `recent` tokens past the
+    /// sinks that the next query reads from it. (Its ring has room for one more append, which is
+    /// capacity like the pages' unused slots, not stored tokens.)
+    pub fn window_bytes(&self) -> u64 {
+        let c = &self.config;
+        let tokens = c.recent.min(self.len.saturating_sub(c.sinks));
+        (c.n_layer * c.n_kv_heads * tokens * 2 * c.head_dim * 2) as u64
+    }
+
+    /// Bytes of the key means (f32), once estimated.
+    pub fn mean_bytes(&self) -> u64 {
+        let c = &self.config;
+        if self.mean_append.is_some() {
+            (c.n_layer * c.n_kv_heads * c.head_dim * 4) as u64
+        } else {
+            0
+        }
     }
 
     /// Bytes an f16 cache would need for the same tokens.
@@ -295,8 +511,14 @@ impl KvCache {
         (2 * c.n_layer * c.n_kv_heads * self.len * c.head_dim * 2) as u64
     }
 
-    /// Average stored bits per value over keys and values of all layers.
+    /// Stored bits per value: [`KvCache::bytes`] over every key and value of the stored tokens,
+    /// everything counted. An empty cache gives the formats' average.
     pub fn bits_per_value(&self) -> f64 {
+        let c = &self.config;
+        if self.len > 0 {
+            let values = 2 * c.n_layer * c.n_kv_heads * self.len * c.head_dim;
+            return 8.0 * self.bytes() as f64 / values as f64;
+        }
         let d = self.config.head_dim;
         (0..self.config.n_layer)
             .map(|l| self.config.format_of(l).bits_per_value(d))
@@ -307,6 +529,7 @@ impl KvCache {
     /// Forget every token (the pages keep their memory).
     pub fn clear(&mut self, gpu: &Gpu) {
         self.len = 0;
+        self.mean_append = None;
         self.write_heads(gpu, 0);
     }
 }

@@ -7,12 +7,11 @@ use super::gguf::{GgufError, GgufFile};
 use super::ops::{self, MatmulOptions, OpsError};
 use super::weights::{load_f32, QTensor, WeightError};
 use crate::attention::{decode_attention_into, AttentionScratch, AttentionShape};
-use crate::codec::KvFormat;
 use crate::gpu::{Gpu, GpuError, GpuVec};
-use crate::kv::{KvCache, KvConfig, KvError};
+use crate::kv::{KvCache, KvConfig, KvError, KvRecipe};
 
 /// Tokens per prefill chunk.
-pub const CHUNK: usize = 64;
+pub const CHUNK: usize = crate::kv::MAX_APPEND;
 
 /// Errors of loading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -218,15 +217,13 @@ pub enum Logits {
 }
 
 impl<'m> Session<'m> {
-    /// A session whose cache holds `capacity` tokens in `format` (per-layer formats optional),
-    /// the first `sinks` tokens also kept in full precision.
+    /// A session whose cache holds `capacity` tokens as `recipe` says (formats, f16 sinks and
+    /// recent window, centered keys).
     pub fn new(
         gpu: &Gpu,
         model: &'m Llama,
-        format: KvFormat,
-        layer_formats: Option<Vec<KvFormat>>,
+        recipe: &KvRecipe,
         capacity: usize,
-        sinks: usize,
     ) -> Result<Session<'m>, ModelError> {
         let c = &model.config;
         let cache = KvCache::new(
@@ -236,10 +233,12 @@ impl<'m> Session<'m> {
                 n_kv_heads: c.n_head_kv,
                 head_dim: c.head_dim,
                 capacity,
-                format,
-                layer_formats,
+                format: recipe.format,
+                layer_formats: None,
                 seed: 0x6b76_7061_636b,
-                sinks,
+                sinks: recipe.sinks,
+                recent: recipe.recent,
+                center_keys: recipe.center_keys,
             },
         )?;
         let kv_dim = c.n_head_kv * c.head_dim;

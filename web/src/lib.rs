@@ -11,8 +11,8 @@
 //!     JSON.stringify({ kv: "turbo4", max_tokens: 16 }), (piece) => console.log(piece)));
 //! ```
 
-use kvpack::codec::KvFormat;
 use kvpack::gpu::{BackendChoice, Gpu, GpuOptions, Power};
+use kvpack::kv::KvRecipe;
 use kvpack::model::generate::{chat_prompt, generate, DEFAULT_SYSTEM};
 use kvpack::model::llama::{Llama, LlamaLoader, Session};
 use kvpack::model::sampler::Sampler;
@@ -34,7 +34,7 @@ pub fn start() {
 #[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GenerateOptions {
-    /// KV cache format, e.g. `f32`, `turbo4`, `k4v2`.
+    /// KV cache format, recipe or preset, e.g. `f32`, `turbo4`, `k4v2`, `tq3`.
     pub kv: String,
     /// Most tokens to generate.
     pub max_tokens: usize,
@@ -44,8 +44,10 @@ pub struct GenerateOptions {
     pub top_p: f32,
     /// Sampling seed.
     pub seed: u64,
-    /// Leading tokens also kept in full precision.
+    /// Leading tokens also kept in f16 (for a plain format; a recipe or preset sets its own).
     pub sinks: usize,
+    /// Tokens before each query read from an f16 window (for a plain format).
+    pub recent: usize,
     /// Tokens the cache holds (prompt + generated).
     pub context: usize,
     /// Wrap the prompt in the ChatML template.
@@ -61,6 +63,7 @@ impl Default for GenerateOptions {
             top_p: 0.9,
             seed: 0,
             sinks: 4,
+            recent: 0,
             context: 1024,
             chat: false,
         }
@@ -164,7 +167,9 @@ impl Engine {
     /// KV bytes and bits per value a format takes for `tokens` tokens of this model, with the
     /// f16 bytes it replaces, as JSON (for the memory bar before generating).
     pub fn kv_estimate(&self, kv: &str, tokens: usize) -> Result<String, JsError> {
-        let f: KvFormat = kv.parse().map_err(|e| js_err("KV format", e))?;
+        let f = KvRecipe::parse_with(kv, 0, 0)
+            .map_err(|e| js_err("KV format", e))?
+            .format;
         let c = &self.inner.model.config;
         let bpv = f.bits_per_value(c.head_dim);
         let values = (c.n_layer * c.n_head_kv * c.head_dim * 2 * tokens) as f64;
@@ -218,9 +223,10 @@ async fn run_generate(
     } else {
         serde_json::from_str(options).map_err(|e| js_err("generation options", e))?
     };
-    let kv: KvFormat = o.kv.parse().map_err(|e| js_err("KV format", e))?;
+    let kv = KvRecipe::parse_with(&o.kv, o.sinks, o.recent).map_err(|e| js_err("KV format", e))?;
     let (gpu, model, tok) = (&inner.gpu, &inner.model, &inner.tokenizer);
-    kv.validate_dim(model.config.head_dim)
+    kv.format
+        .validate_dim(model.config.head_dim)
         .map_err(|e| js_err("KV format", e))?;
     if prompt.is_empty() {
         return Err(JsError::new("the prompt is empty"));
@@ -234,8 +240,8 @@ async fn run_generate(
             o.context
         )));
     }
-    let mut session = Session::new(gpu, model, kv, None, o.context, o.sinks)
-        .map_err(|e| js_err("creating the KV cache", e))?;
+    let mut session =
+        Session::new(gpu, model, &kv, o.context).map_err(|e| js_err("creating the KV cache", e))?;
     let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed);
     let g = generate(
         gpu,

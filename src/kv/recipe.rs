@@ -1,0 +1,139 @@
+//! A cache recipe: formats plus the full-precision sinks and recent window and key centering,
+//! parsed from one string. The named presets `tq3` and `tq4` are recipes measured with
+//! `kvpack eval ppl` (docs/benchmarks.md).
+
+use crate::codec::{CodecError, KvFormat};
+use std::fmt;
+use std::str::FromStr;
+
+/// What a cache stores and how: `FORMAT[+sN][+rN][+c]`, e.g. `k4v2+s4+r16+c` (k4v2 codes, the
+/// first 4 tokens and the 16 before each query in f16, keys centered), or a preset name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvRecipe {
+    /// The preset's name, when the recipe is one.
+    pub preset: Option<&'static str>,
+    /// Format of the compressed pages (keys and values).
+    pub format: KvFormat,
+    /// Attention sinks kept in f16 (the first tokens).
+    pub sinks: usize,
+    /// Tokens before each query read from the f16 window.
+    pub recent: usize,
+    /// Keys stored centered by their per-channel mean.
+    pub center_keys: bool,
+}
+
+/// The named presets: (name, recipe). The best measured recipe near 3.25 and 4.25 bits per value
+/// (Brown ca01, 512 tokens; docs/benchmarks.md).
+pub const PRESETS: &[(&str, &str)] = &[("tq3", "k4v2+s4+r16+c"), ("tq4", "k4v3+s4+r32+c")];
+
+impl KvRecipe {
+    /// A plain format with `sinks` f16 sinks, no window, keys not centered.
+    pub fn plain(format: KvFormat, sinks: usize) -> Self {
+        KvRecipe {
+            preset: None,
+            format,
+            sinks,
+            recent: 0,
+            center_keys: false,
+        }
+    }
+
+    /// Parse `input`; a plain format (no `+` options) takes `sinks` and `recent` from the caller
+    /// (the command line's `--sinks` and `--recent`), a preset or a recipe with options ignores them.
+    pub fn parse_with(input: &str, sinks: usize, recent: usize) -> Result<Self, CodecError> {
+        let s = input.trim().to_ascii_lowercase();
+        if let Some(&(name, recipe)) = PRESETS.iter().find(|(n, _)| *n == s) {
+            let mut r: KvRecipe = recipe.parse()?;
+            r.preset = Some(name);
+            return Ok(r);
+        }
+        let mut parts = s.split('+');
+        let format: KvFormat = parts.next().unwrap_or_default().parse()?;
+        let mut r = KvRecipe {
+            preset: None,
+            format,
+            sinks,
+            recent,
+            center_keys: false,
+        };
+        let bad = || {
+            CodecError::UnknownFormat {
+            input: input.to_string(),
+            hint: format!(
+                "a recipe is FORMAT[+sN][+rN][+c] (sN: N sink tokens, rN: N recent tokens in f16, c: centered keys), or a preset: {}",
+                PRESETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ),
+        }
+        };
+        if s.contains('+') {
+            r.sinks = 0;
+            r.recent = 0;
+        }
+        for p in parts {
+            if p == "c" {
+                r.center_keys = true;
+            } else if let Some(n) = p.strip_prefix('s') {
+                r.sinks = n.parse().map_err(|_| bad())?;
+            } else if let Some(n) = p.strip_prefix('r') {
+                r.recent = n.parse().map_err(|_| bad())?;
+            } else {
+                return Err(bad());
+            }
+        }
+        Ok(r)
+    }
+}
+
+impl FromStr for KvRecipe {
+    type Err = CodecError;
+
+    /// Parse a recipe or preset; a plain format gets no sinks and no window.
+    fn from_str(input: &str) -> Result<Self, CodecError> {
+        KvRecipe::parse_with(input, 0, 0)
+    }
+}
+
+impl fmt::Display for KvRecipe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(p) = self.preset {
+            return write!(f, "{p}");
+        }
+        write!(f, "{}", self.format)?;
+        if self.sinks > 0 {
+            write!(f, "+s{}", self.sinks)?;
+        }
+        if self.recent > 0 {
+            write!(f, "+r{}", self.recent)?;
+        }
+        if self.center_keys {
+            write!(f, "+c")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipes_parse_and_print() {
+        let r: KvRecipe = "k4v2+s4+r16+c".parse().unwrap();
+        assert_eq!(r.format, "k4v2".parse().unwrap());
+        assert_eq!((r.sinks, r.recent, r.center_keys), (4, 16, true));
+        assert_eq!(r.to_string(), "turbo4/turbo2+s4+r16+c");
+        let p = KvRecipe::parse_with("tq3", 0, 8).unwrap();
+        assert_eq!(p.to_string(), "tq3");
+        assert!(p.center_keys);
+        let plain = KvRecipe::parse_with("turbo3", 4, 8).unwrap();
+        assert_eq!(
+            (plain.sinks, plain.recent, plain.center_keys),
+            (4, 8, false)
+        );
+        assert!("turbo3+x".parse::<KvRecipe>().is_err());
+        assert!("turbo3+s".parse::<KvRecipe>().is_err());
+        for (name, _) in PRESETS {
+            assert!(name.parse::<KvRecipe>().is_ok(), "{name}");
+        }
+    }
+}
