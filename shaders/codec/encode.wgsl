@@ -122,7 +122,9 @@ fn encode_one(v: u32, i: u32, slot: u32, lid: u32) -> bool {
                     big = 1.0;
                 }
             }
-            bad = bad || wg_sum(big, lid, WG) > 0.0;
+            // Every invocation reaches the barrier in wg_sum (no short-circuit around it).
+            let any_big = wg_sum(big, lid, WG) > 0.0;
+            bad = bad || any_big;
             for (var w = lid; w < D / 2u; w += WG) {
                 let h = pack2x16float(vec2<f32>(tw[2u * w], tw[2u * w + 1u]));
                 fmt_page[i * cw + w] = select(h, 0u, bad);

@@ -16,7 +16,7 @@ const kvpack = path.join(targetDir, process.env.KVPACK_PROFILE ?? "debug", "kvpa
 const outDir = path.join(root, "target", "web-test");
 const PROMPT = "The capital of France is";
 const MAX_TOKENS = 8;
-const FORMATS = ["f32", "turbo4"];
+const FORMATS = ["f32", "turbo4", "tq3"];
 const SINKS = 4, CONTEXT = 1024;
 
 let failures = 0;
