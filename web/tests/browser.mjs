@@ -1,5 +1,5 @@
 // Browser test: serve the page and the default model on 127.0.0.1, open it in headless Chromium
-// (WebGPU on SwiftShader), generate greedy tokens with f32 and turbo4 caches through the page's
+// (WebGPU on SwiftShader), generate greedy tokens with f32, turbo4 and tq3 caches through the page's
 // own controls, and require them to equal the native engine's tokens (Vulkan) for the same prompt
 // and format. Checks the memory figures, prints tokens/s, saves a screenshot.
 // Run through `scripts/web.sh test` (which builds web/pkg and target/debug/kvpack first).
