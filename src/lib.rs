@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod codec;
+pub mod compact;
 pub mod gpu;
 pub mod kv;
 pub mod model;
