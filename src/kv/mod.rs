@@ -75,6 +75,12 @@ struct LayerCache {
     sink_v_page: GpuVec<u32>,
 }
 
+/// Per-key additive biases of one layer (compaction's β): the main pages' slots and the sinks'.
+struct LayerBias {
+    main: GpuVec<f32>,
+    sinks: GpuVec<f32>,
+}
+
 /// A compressed KV cache on the GPU.
 pub struct KvCache {
     config: KvConfig,
@@ -83,6 +89,8 @@ pub struct KvCache {
     sink_k: GpuCodec,
     sink_heads: GpuVec<u32>,
     len: usize,
+    bias: Option<Vec<LayerBias>>,
+    bias_tokens: usize,
 }
 
 impl KvCache {
@@ -126,6 +134,8 @@ impl KvCache {
             sink_k,
             sink_heads,
             len: 0,
+            bias: None,
+            bias_tokens: 0,
         };
         cache.write_heads(gpu, 0);
         Ok(cache)
@@ -247,7 +257,7 @@ impl KvCache {
             capacity: c.n_kv_heads * c.capacity,
             heads: &self.heads,
             max_len: self.len,
-            bias: None,
+            bias: self.bias.as_ref().map(|b| &b[layer].main),
             skip: c.sinks,
             v_rotated_f32: false,
         }];
@@ -260,7 +270,7 @@ impl KvCache {
                 capacity: c.n_kv_heads * c.sinks,
                 heads: &self.sink_heads,
                 max_len: self.len.min(c.sinks),
-                bias: None,
+                bias: self.bias.as_ref().map(|b| &b[layer].sinks),
                 skip: 0,
                 v_rotated_f32: true,
             });
@@ -281,6 +291,58 @@ impl KvCache {
             })
             .sum::<u64>()
             + self.sink_bytes()
+            + self.bias_bytes()
+    }
+
+    /// Set the additive attention bias (compaction's β) of the first `len` tokens of every head
+    /// of `layer`: `bias` is `n_kv_heads × len`, head-major. Tokens without a bias (later ones)
+    /// get 0. The bias is stored as f32 and counted in [`KvCache::bytes`].
+    pub fn set_bias(&mut self, gpu: &Gpu, layer: usize, bias: &[f32]) -> Result<(), KvError> {
+        let c = &self.config;
+        let len = bias.len() / c.n_kv_heads.max(1);
+        if layer >= c.n_layer || bias.len() != len * c.n_kv_heads || len > c.capacity {
+            return Err(KvError::Config(format!(
+                "bias of {} floats for layer {layer}: {} layers, {} heads, capacity {}",
+                bias.len(),
+                c.n_layer,
+                c.n_kv_heads,
+                c.capacity
+            )));
+        }
+        if self.bias.is_none() {
+            let slots = c.n_kv_heads * c.capacity;
+            let sink_slots = (c.n_kv_heads * c.sinks).max(1);
+            self.bias = Some(
+                (0..c.n_layer)
+                    .map(|l| LayerBias {
+                        main: gpu.zeros(&format!("bias {l}"), slots),
+                        sinks: gpu.zeros(&format!("sink bias {l}"), sink_slots),
+                    })
+                    .collect(),
+            );
+        }
+        let lb = &self.bias.as_ref().expect("allocated above")[layer];
+        let mut main = vec![0f32; c.n_kv_heads * c.capacity];
+        let mut sinks = vec![0f32; (c.n_kv_heads * c.sinks).max(1)];
+        for h in 0..c.n_kv_heads {
+            let src = &bias[h * len..(h + 1) * len];
+            main[h * c.capacity..h * c.capacity + len].copy_from_slice(src);
+            let n_sink = c.sinks.min(len);
+            sinks[h * c.sinks..h * c.sinks + n_sink].copy_from_slice(&src[..n_sink]);
+        }
+        lb.main.write(gpu, &main);
+        lb.sinks.write(gpu, &sinks);
+        self.bias_tokens = self.bias_tokens.max(len);
+        Ok(())
+    }
+
+    /// Bytes of the compaction biases (one f32 per biased token, head and layer).
+    pub fn bias_bytes(&self) -> u64 {
+        let c = &self.config;
+        if self.bias.is_none() {
+            return 0;
+        }
+        (c.n_layer * c.n_kv_heads * self.bias_tokens * 4) as u64
     }
 
     /// Bytes of the full-precision sink copies (f32 keys and values).
@@ -307,6 +369,8 @@ impl KvCache {
     /// Forget every token (the pages keep their memory).
     pub fn clear(&mut self, gpu: &Gpu) {
         self.len = 0;
+        self.bias = None;
+        self.bias_tokens = 0;
         self.write_heads(gpu, 0);
     }
 }
