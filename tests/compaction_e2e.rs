@@ -142,6 +142,41 @@ fn compacted_sessions_continue_from_the_context() {
         let logits = pollster::block_on(a.forward(&gpu, next, Logits::All)).unwrap();
         assert!(logits.iter().all(|x| x.is_finite()));
         assert_eq!(a.position(), t + next.len());
+        // Saved to a .kvpack file and loaded back, the same greedy continuation; a damaged file
+        // and another model's hash are refused.
+        let sha = kvpack::model::fetch::sha256_file(&model_path()).unwrap();
+        let header = kvpack::compact::file::FileHeader {
+            model_sha256: sha.clone(),
+            kv: "turbo4".into(),
+            method: "am".into(),
+        };
+        let path = std::env::temp_dir().join(format!("kvpack-e2e-{}.kvpack", std::process::id()));
+        kvpack::compact::file::save(&path, &header, am).unwrap();
+        let (h2, loaded) = kvpack::compact::file::load(&path, &sha).unwrap();
+        assert_eq!(h2, header);
+        let greedy = |cc: &CompactedContext| -> Vec<u32> {
+            let mut s = Session::from_compacted(&gpu, &model, turbo, None, cc, 8, 4).unwrap();
+            let mut logits = pollster::block_on(s.forward(&gpu, next, Logits::Last)).unwrap();
+            let mut out = Vec::new();
+            for _ in 0..3 {
+                let id = kvpack::model::sampler::Sampler::greedy().sample(&logits);
+                out.push(id);
+                logits = pollster::block_on(s.forward(&gpu, &[id], Logits::Last)).unwrap();
+            }
+            out
+        };
+        assert_eq!(greedy(&loaded), greedy(am));
+        let other = "0".repeat(64);
+        assert!(kvpack::compact::file::load(&path, &other).is_err());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = kvpack::compact::file::load(&path, &sha)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checksum"), "{err}");
+        std::fs::remove_file(&path).unwrap();
         // Streaming keeps the sinks and the latest tokens, no biases.
         let st = &out[1];
         assert_eq!(st.layers[0][0].positions[..4], [0, 1, 2, 3]);

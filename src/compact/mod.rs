@@ -16,6 +16,8 @@
 //! window at the end of the context, pooled). Compacted keys keep their RoPE positions.
 
 mod context;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod file;
 mod fit;
 mod scores;
 
