@@ -39,11 +39,11 @@ pub struct CompactionArgs {
     /// Compaction ratios: tokens per head kept = context / ratio.
     #[arg(long, value_delimiter = ',', default_value = "5,10,20,50")]
     ratios: Vec<f64>,
-    /// Methods: am, am-window, h2o, snapkv, streaming.
+    /// Methods: am, am-window, am-mix, h2o, snapkv, streaming.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "am,am-window,h2o,snapkv,streaming"
+        default_value = "am,am-mix,h2o,snapkv,streaming"
     )]
     methods: Vec<String>,
     /// KV formats the compacted cache is stored in.
@@ -334,10 +334,10 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     let gap = |none: f64, full: f64, x: f64| (none - x) / (none - full);
     let mut rows = Vec::new();
     for (j, &(m, budget, r)) in jobs.iter().enumerate() {
-        let scores_s = if m.needs_reference_queries() {
-            repeat_s + timings.reference_scores_s
-        } else {
-            timings.context_scores_s
+        let scores_s = match m {
+            Method::AmMix => repeat_s + timings.reference_scores_s + timings.context_scores_s,
+            m if m.needs_reference_queries() => repeat_s + timings.reference_scores_s,
+            _ => timings.context_scores_s,
         };
         for &f in &formats {
             log(&format!("measuring: {m} {r}x {f}"));
@@ -427,7 +427,7 @@ pub struct CompactArgs {
     /// Compaction ratio: tokens per head kept = context / ratio.
     #[arg(long)]
     ratio: f64,
-    /// Method: am, am-window, h2o, snapkv, streaming.
+    /// Method: am, am-window, am-mix, h2o, snapkv, streaming.
     #[arg(long, default_value = "am")]
     method: String,
     /// KV format the compacted tokens are stored in when the file is loaded.

@@ -101,7 +101,10 @@ pub async fn compact_context(
         )));
     }
     let needs_ref = jobs.iter().any(|(m, _)| m.needs_reference_queries());
-    let needs_h2o = jobs.iter().any(|(m, _)| *m == Method::H2o);
+    let needs_h2o = jobs
+        .iter()
+        .any(|(m, _)| matches!(m, Method::H2o | Method::AmMix));
+    let needs_mix = jobs.iter().any(|(m, _)| *m == Method::AmMix);
     let needs_snap = jobs.iter().any(|(m, _)| *m == Method::SnapKv);
     let reference = match (needs_ref, reference) {
         (true, None) => {
@@ -170,6 +173,10 @@ pub async fn compact_context(
             let t2 = now_s();
             timings.context_scores_s += t1 - t0;
             timings.reference_scores_s += t2 - t1;
+            let mixed = match (&ref_scores, &ctx_scores) {
+                (Some(r), Some(c)) if needs_mix => Some(r.concat(c)),
+                _ => None,
+            };
             let inputs = HeadInputs {
                 keys: &keys,
                 values: &values,
@@ -178,9 +185,18 @@ pub async fn compact_context(
                 rows_per_position: group,
                 reference: ref_scores.as_ref(),
             };
+            let mixed_inputs = HeadInputs {
+                reference: mixed.as_ref(),
+                ..inputs
+            };
             for (j, &(method, budget)) in jobs.iter().enumerate() {
                 let s = now_s();
-                let hc = compact_head(method, &inputs, budget, opts)?;
+                let which = if method == Method::AmMix {
+                    &mixed_inputs
+                } else {
+                    &inputs
+                };
+                let hc = compact_head(method, which, budget, opts)?;
                 timings.fit_s[j] += now_s() - s;
                 out[j].layers[l].push(hc);
             }

@@ -35,7 +35,9 @@ pub const BIAS_LIMIT: f64 = 10.0;
 #[derive(Debug, thiserror::Error)]
 pub enum CompactError {
     /// A method name that is not known.
-    #[error("unknown compaction method {0:?}: use am, am-window, h2o, snapkv or streaming")]
+    #[error(
+        "unknown compaction method {0:?}: use am, am-window, am-mix, h2o, snapkv or streaming"
+    )]
     UnknownMethod(String),
     /// Inconsistent inputs.
     #[error("{0}")]
@@ -53,6 +55,9 @@ pub enum Method {
     /// Attention Matching that keeps the attention sinks and a recent window exact (β = 0,
     /// original values; counted in the budget) and fits the rest.
     AmWindow,
+    /// Attention Matching whose reference queries are the repeat prefill's together with the
+    /// context's own (causal) queries: the latter resemble the queries of a continuation.
+    AmMix,
     /// H2O: heavy hitters by accumulated attention over the context's own queries + a recent window.
     H2o,
     /// SnapKV: keys the last [`SNAPKV_WINDOW`] positions attend to (max-pooled) + that window.
@@ -67,6 +72,7 @@ impl std::str::FromStr for Method {
         Ok(match s.trim() {
             "am" => Method::Am,
             "am-window" => Method::AmWindow,
+            "am-mix" => Method::AmMix,
             "h2o" => Method::H2o,
             "snapkv" => Method::SnapKv,
             "streaming" | "streamingllm" => Method::Streaming,
@@ -80,6 +86,7 @@ impl std::fmt::Display for Method {
         f.write_str(match self {
             Method::Am => "am",
             Method::AmWindow => "am-window",
+            Method::AmMix => "am-mix",
             Method::H2o => "h2o",
             Method::SnapKv => "snapkv",
             Method::Streaming => "streaming",
@@ -91,7 +98,7 @@ impl Method {
     /// Whether the method reads the reference queries (Attention Matching) rather than only the
     /// context's own queries.
     pub fn needs_reference_queries(self) -> bool {
-        matches!(self, Method::Am | Method::AmWindow)
+        matches!(self, Method::Am | Method::AmWindow | Method::AmMix)
     }
 }
 
@@ -379,8 +386,23 @@ pub struct HeadInputs<'a> {
     pub context: Option<&'a HeadScores>,
     /// Query rows per position in `context` (query heads sharing this KV head).
     pub rows_per_position: usize,
-    /// Reference queries (Attention Matching).
+    /// Reference queries (Attention Matching; for `am-mix`, the mixed set).
     pub reference: Option<&'a HeadScores>,
+}
+
+impl HeadScores {
+    /// The rows of `self` followed by those of `other` (same keys).
+    pub fn concat(&self, other: &HeadScores) -> HeadScores {
+        let cat = |a: &[f32], b: &[f32]| [a, b].concat();
+        HeadScores {
+            n_q: self.n_q + other.n_q,
+            n_k: self.n_k,
+            e: cat(&self.e, &other.e),
+            max: cat(&self.max, &other.max),
+            sum: cat(&self.sum, &other.sum),
+            y: cat(&self.y, &other.y),
+        }
+    }
 }
 
 fn scores_for<'a>(
@@ -415,7 +437,7 @@ pub fn compact_head(
             let obs = SNAPKV_WINDOW * inputs.rows_per_position.max(1);
             keep(select_snapkv(need(inputs.context, "context")?, obs, budget))
         }
-        Method::Am | Method::AmWindow => {
+        Method::Am | Method::AmWindow | Method::AmMix => {
             let refs = need(inputs.reference, "reference")?;
             let fixed_idx: Vec<usize> = if method == Method::AmWindow {
                 let sinks = SINK_TOKENS.min(budget / 2);

@@ -247,4 +247,18 @@ fn baselines_keep_the_budget_and_their_windows() {
     }
     // Attention Matching without reference queries is refused, not guessed.
     assert!(compact_head(Method::Am, &inputs, 20, &opts).is_err());
+    assert!(compact_head(Method::AmMix, &inputs, 20, &opts).is_err());
+    // With the context rows appended to reference rows, am-mix fits like am on the union.
+    let q_ref = queries(30, d, 33);
+    let refs = reference_head_scores(&q_ref, &[t as u32; 30], &s.keys, &s.values, d).unwrap();
+    let mixed = refs.concat(&ctx);
+    assert_eq!((mixed.n_q, mixed.e.len()), (30 + t * g, (30 + t * g) * t));
+    assert_eq!(mixed.y[30 * d..], ctx.y[..]);
+    let mix_inputs = HeadInputs {
+        reference: Some(&mixed),
+        ..inputs
+    };
+    let mix = compact_head(Method::AmMix, &mix_inputs, 20, &opts).unwrap();
+    let am = compact_head(Method::Am, &mix_inputs, 20, &opts).unwrap();
+    assert_eq!(mix, am);
 }
