@@ -337,6 +337,8 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         let scores_s = match m {
             Method::AmMix => repeat_s + timings.reference_scores_s + timings.context_scores_s,
             m if m.needs_reference_queries() => repeat_s + timings.reference_scores_s,
+            Method::Streaming => 0.0,
+            // With H2O in the same run, SnapKV's scores are H2O's, over every position.
             _ => timings.context_scores_s,
         };
         for &f in &formats {
