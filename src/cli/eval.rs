@@ -12,6 +12,10 @@ use serde::Serialize;
 pub enum EvalCommand {
     /// Perplexity, mean KL divergence from the f32 cache and top-1 agreement per KV format.
     Ppl(super::ppl::PplArgs),
+    /// KV-cache compaction (Attention Matching and eviction baselines): continuation and recall
+    /// perplexity after the compacted context, the gap to the full context recovered, bytes and
+    /// time.
+    Compaction(super::compaction::CompactionArgs),
     /// TurboQuant distortion on the GPU: random unit vectors and queries; D_mse, d·D_prod
     /// (inner-product error), inner-product bias and bits per value, beside the paper's values
     /// and the Shannon bound 4^-b; q8_0 and q4_0 as baselines.
@@ -59,6 +63,7 @@ const PAPER_D_PROD: [f64; 4] = [1.571, 0.571, 0.185, 0.054];
 pub fn run(gpu_args: &GpuArgs, cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Ppl(args) => super::ppl::run(gpu_args, args),
+        EvalCommand::Compaction(args) => super::compaction::run(gpu_args, args),
         EvalCommand::Distortion {
             dim,
             bits,

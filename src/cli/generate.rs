@@ -24,6 +24,7 @@ pub struct ModelArgs {
 /// A model loaded on the GPU with its tokenizer.
 pub struct Loaded {
     pub model: Llama,
+    pub path: PathBuf,
     pub tokenizer: Tokenizer,
     pub name: String,
 }
@@ -59,6 +60,7 @@ impl ModelArgs {
         bar.finish_and_clear();
         Ok(Loaded {
             model,
+            path,
             tokenizer,
             name,
         })
@@ -100,13 +102,17 @@ pub struct GenerateArgs {
     /// Tokens the cache can hold (prompt + generated).
     #[arg(long, default_value_t = 2048)]
     context: usize,
+    /// Start from a compacted context saved by `kvpack compact` (its KV format replaces --kv);
+    /// the prompt continues after it.
+    #[arg(long)]
+    cache: Option<PathBuf>,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
-    let kv = KvRecipe::parse_with(&a.kv, a.sinks, a.recent)?;
+    let mut kv = KvRecipe::parse_with(&a.kv, a.sinks, a.recent)?;
     if a.prompt.is_empty() {
         bail!("--prompt is empty: give the text to continue");
     }
@@ -137,7 +143,17 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             a.context
         );
     }
-    let mut session = Session::new(&gpu, model, &kv, a.context)?;
+    let mut session = match &a.cache {
+        Some(path) => {
+            let sha = kvpack::model::fetch::sha256_file(&loaded.path)
+                .with_context(|| format!("hashing {}", loaded.path.display()))?;
+            let (header, compacted) = kvpack::compact::file::load(path, &sha)?;
+            kv = KvRecipe::parse_with(&header.kv, a.sinks, 0)?;
+            kv.format.validate_dim(model.config.head_dim)?;
+            Session::from_compacted(&gpu, model, &kv, &compacted, a.context)?
+        }
+        None => Session::new(&gpu, model, &kv, a.context)?,
+    };
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
 
     let stdout = std::io::stdout();

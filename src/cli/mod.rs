@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod compaction;
 mod eval;
 mod generate;
 mod plot;
@@ -73,6 +74,9 @@ enum Command {
     /// An interactive conversation with the ChatML template; the compressed cache is kept
     /// across turns.
     Chat(chat::ChatArgs),
+    /// Compact a text's KV cache (Attention Matching or an eviction baseline) into a .kvpack
+    /// file that `generate --cache` continues from.
+    Compact(compaction::CompactArgs),
     /// Measure quality.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -88,6 +92,7 @@ pub fn run() -> Result<()> {
         Command::Info { json } => info(&cli.gpu, json),
         Command::Generate(args) => generate::run(&cli.gpu, args),
         Command::Chat(args) => chat::run(&cli.gpu, args),
+        Command::Compact(args) => compaction::run_compact(&cli.gpu, args),
         Command::Eval(cmd) => eval::run(&cli.gpu, cmd),
         Command::Bench(cmd) => bench::run(&cli.gpu, cmd),
     }

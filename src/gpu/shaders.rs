@@ -32,6 +32,7 @@ shader_files!(
     "model/swiglu.wgsl",
     "model/add.wgsl",
     "model/argmax.wgsl",
+    "compact/scores.wgsl",
 );
 
 /// Names of the kernels (files outside `common/`, without `.wgsl`).

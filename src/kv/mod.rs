@@ -108,6 +108,12 @@ struct CenterParams {
     _pad: u32,
 }
 
+/// Per-key additive biases of one layer (compaction's β): the main pages' slots and the sinks'.
+struct LayerBias {
+    main: GpuVec<f32>,
+    sinks: GpuVec<f32>,
+}
+
 /// A compressed KV cache on the GPU.
 pub struct KvCache {
     config: KvConfig,
@@ -120,6 +126,8 @@ pub struct KvCache {
     len: usize,
     /// First position of the append that estimates the key means (once it has begun).
     mean_append: Option<usize>,
+    bias: Option<Vec<LayerBias>>,
+    bias_tokens: usize,
 }
 
 impl KvCache {
@@ -197,6 +205,8 @@ impl KvCache {
             centered,
             len: 0,
             mean_append: None,
+            bias: None,
+            bias_tokens: 0,
         };
         cache.write_heads(gpu, 0);
         Ok(cache)
@@ -414,7 +424,7 @@ impl KvCache {
             capacity: c.n_kv_heads * c.capacity,
             heads: &self.heads,
             max_len: self.len,
-            bias: None,
+            bias: self.bias.as_ref().map(|b| &b[layer].main),
             skip: c.sinks,
             values: ValueStore::Codes,
             ring: 0,
@@ -434,7 +444,7 @@ impl KvCache {
                 capacity: c.n_kv_heads * c.sinks,
                 heads: &self.sink_heads,
                 max_len: self.len.min(c.sinks),
-                bias: None,
+                bias: self.bias.as_ref().map(|b| &b[layer].sinks),
                 skip: 0,
                 values: ValueStore::RotatedF16,
                 ring: 0,
@@ -478,6 +488,58 @@ impl KvCache {
             + self.sink_bytes()
             + self.window_bytes()
             + self.mean_bytes()
+            + self.bias_bytes()
+    }
+
+    /// Set the additive attention bias (compaction's β) of the first `len` tokens of every head
+    /// of `layer`: `bias` is `n_kv_heads × len`, head-major. Tokens without a bias (later ones)
+    /// get 0. The bias is stored as f32 and counted in [`KvCache::bytes`].
+    pub fn set_bias(&mut self, gpu: &Gpu, layer: usize, bias: &[f32]) -> Result<(), KvError> {
+        let c = &self.config;
+        let len = bias.len() / c.n_kv_heads.max(1);
+        if layer >= c.n_layer || bias.len() != len * c.n_kv_heads || len > c.capacity {
+            return Err(KvError::Config(format!(
+                "bias of {} floats for layer {layer}: {} layers, {} heads, capacity {}",
+                bias.len(),
+                c.n_layer,
+                c.n_kv_heads,
+                c.capacity
+            )));
+        }
+        if self.bias.is_none() {
+            let slots = c.n_kv_heads * c.capacity;
+            let sink_slots = (c.n_kv_heads * c.sinks).max(1);
+            self.bias = Some(
+                (0..c.n_layer)
+                    .map(|l| LayerBias {
+                        main: gpu.zeros(&format!("bias {l}"), slots),
+                        sinks: gpu.zeros(&format!("sink bias {l}"), sink_slots),
+                    })
+                    .collect(),
+            );
+        }
+        let lb = &self.bias.as_ref().expect("allocated above")[layer];
+        let mut main = vec![0f32; c.n_kv_heads * c.capacity];
+        let mut sinks = vec![0f32; (c.n_kv_heads * c.sinks).max(1)];
+        for h in 0..c.n_kv_heads {
+            let src = &bias[h * len..(h + 1) * len];
+            main[h * c.capacity..h * c.capacity + len].copy_from_slice(src);
+            let n_sink = c.sinks.min(len);
+            sinks[h * c.sinks..h * c.sinks + n_sink].copy_from_slice(&src[..n_sink]);
+        }
+        lb.main.write(gpu, &main);
+        lb.sinks.write(gpu, &sinks);
+        self.bias_tokens = self.bias_tokens.max(len);
+        Ok(())
+    }
+
+    /// Bytes of the compaction biases (one f32 per biased token, head and layer).
+    pub fn bias_bytes(&self) -> u64 {
+        let c = &self.config;
+        if self.bias.is_none() {
+            return 0;
+        }
+        (c.n_layer * c.n_kv_heads * self.bias_tokens * 4) as u64
     }
 
     /// Bytes of the full-precision sink copies (f16 keys and values).
@@ -530,6 +592,8 @@ impl KvCache {
     pub fn clear(&mut self, gpu: &Gpu) {
         self.len = 0;
         self.mean_append = None;
+        self.bias = None;
+        self.bias_tokens = 0;
         self.write_heads(gpu, 0);
     }
 }

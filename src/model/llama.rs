@@ -7,6 +7,7 @@ use super::gguf::{GgufError, GgufFile};
 use super::ops::{self, MatmulOptions, OpsError};
 use super::weights::{load_f32, QTensor, WeightError};
 use crate::attention::{decode_attention_into, AttentionScratch, AttentionShape};
+use crate::compact::Captured;
 use crate::gpu::{Gpu, GpuError, GpuVec};
 use crate::kv::{KvCache, KvConfig, KvError, KvRecipe};
 
@@ -205,6 +206,17 @@ pub struct Session<'m> {
     logits_all: GpuVec<f32>,
     logits_last: GpuVec<f32>,
     status: GpuVec<u32>,
+    /// Added to cache slots to get RoPE positions: a compacted cache holds fewer slots than the
+    /// positions it covers.
+    position_offset: usize,
+    capture: Option<Capture>,
+}
+
+struct Capture {
+    kv: bool,
+    /// One chunk of every layer: q, then k and v when `kv`.
+    buf: GpuVec<f32>,
+    data: Captured,
 }
 
 /// Which logits a forward call returns.
@@ -261,7 +273,110 @@ impl<'m> Session<'m> {
             logits_all: z("logits", vocab),
             logits_last: gpu.zeros("logits last", vocab),
             status: gpu.upload("encode status", &[0u32, u32::MAX]),
+            position_offset: 0,
+            capture: None,
         })
+    }
+
+    /// A session whose cache starts as a compacted context: every head's kept keys (with their
+    /// RoPE), values and biases, stored as `recipe` says (a format with sinks; no window, no centering); new tokens continue at position
+    /// `compacted.context_len`. `extra` tokens of room follow. Every head must keep the same
+    /// number of tokens.
+    pub fn from_compacted(
+        gpu: &Gpu,
+        model: &'m Llama,
+        recipe: &KvRecipe,
+        compacted: &crate::compact::CompactedContext,
+        extra: usize,
+    ) -> Result<Session<'m>, ModelError> {
+        let c = &model.config;
+        let bad = |what: String| ModelError::Kv(KvError::Config(what));
+        if recipe.recent > 0 || recipe.center_keys {
+            return Err(bad(format!(
+                "a compacted cache takes a format with sinks (such as turbo4+s4), not {recipe}: \
+                 the recent window and centered keys do not carry compaction's biases yet"
+            )));
+        }
+        if compacted.layers.len() != c.n_layer
+            || compacted.head_dim != c.head_dim
+            || compacted.layers.iter().any(|l| l.len() != c.n_head_kv)
+        {
+            return Err(bad(format!(
+                "the compacted context has {} layers of head_dim {}; the model has {} layers × {} \
+                 KV heads of head_dim {}",
+                compacted.layers.len(),
+                compacted.head_dim,
+                c.n_layer,
+                c.n_head_kv,
+                c.head_dim
+            )));
+        }
+        let t = compacted.uniform_len().ok_or_else(|| {
+            bad("the compacted context's heads keep different numbers of tokens".into())
+        })?;
+        if t > compacted.context_len {
+            return Err(bad(format!(
+                "{t} kept tokens for a context of {}",
+                compacted.context_len
+            )));
+        }
+        let mut s = Session::new(gpu, model, recipe, t + extra)?;
+        if t == 0 {
+            s.position_offset = compacted.context_len;
+            return Ok(s);
+        }
+        let (nkv, d) = (c.n_head_kv, c.head_dim);
+        let first = s.cache.begin_tokens(gpu, t)?;
+        for (l, heads) in compacted.layers.iter().enumerate() {
+            // Token-major, as the forward pass writes them.
+            let mut k = vec![0f32; t * nkv * d];
+            let mut v = vec![0f32; t * nkv * d];
+            for (h, hc) in heads.iter().enumerate() {
+                for i in 0..t {
+                    k[(i * nkv + h) * d..][..d].copy_from_slice(&hc.keys[i * d..][..d]);
+                    v[(i * nkv + h) * d..][..d].copy_from_slice(&hc.values[i * d..][..d]);
+                }
+            }
+            let kb = gpu.upload("compacted keys", &k);
+            let vb = gpu.upload("compacted values", &v);
+            let mut b = gpu.batch("load compacted");
+            s.cache
+                .append_into(gpu, &mut b, l, first, t, &kb, &vb, &s.status)?;
+            b.submit();
+            if heads.iter().any(|h| h.bias.iter().any(|&x| x != 0.0)) {
+                let bias: Vec<f32> = heads.iter().flat_map(|h| h.bias.iter().copied()).collect();
+                s.cache.set_bias(gpu, l, &bias)?;
+            }
+        }
+        s.position_offset = compacted.context_len - t;
+        Ok(s)
+    }
+
+    /// Record every layer's post-RoPE queries (and keys and values when `kv`) of the tokens fed
+    /// from now on, until [`Session::take_capture`].
+    pub fn start_capture(&mut self, gpu: &Gpu, kv: bool) {
+        let c = &self.model.config;
+        let per_tok = c.n_head * c.head_dim + if kv { 2 * c.n_head_kv * c.head_dim } else { 0 };
+        self.capture = Some(Capture {
+            kv,
+            buf: gpu.zeros("capture", c.n_layer * CHUNK * per_tok),
+            data: Captured {
+                tokens: 0,
+                q: vec![Vec::new(); c.n_layer],
+                k: vec![Vec::new(); if kv { c.n_layer } else { 0 }],
+                v: vec![Vec::new(); if kv { c.n_layer } else { 0 }],
+            },
+        });
+    }
+
+    /// Stop recording and return what was recorded (post-RoPE queries, keys and values).
+    pub fn take_capture(&mut self) -> Option<Captured> {
+        self.capture.take().map(|c| c.data)
+    }
+
+    /// RoPE position of the next token.
+    pub fn position(&self) -> usize {
+        self.cache.len() + self.position_offset
     }
 
     /// The KV cache.
@@ -293,6 +408,21 @@ impl<'m> Session<'m> {
         let mut out = Vec::new();
         for chunk in tokens.chunks(CHUNK) {
             self.forward_chunk(gpu, chunk, which)?;
+            if let Some(cap) = &mut self.capture {
+                let c = &self.model.config;
+                let (n, qd, kd) = (chunk.len(), c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
+                let all = gpu.read(&cap.buf).await?;
+                let per_layer = CHUNK * (qd + if cap.kv { 2 * kd } else { 0 });
+                for l in 0..c.n_layer {
+                    let base = &all[l * per_layer..];
+                    cap.data.q[l].extend_from_slice(&base[..n * qd]);
+                    if cap.kv {
+                        cap.data.k[l].extend_from_slice(&base[CHUNK * qd..][..n * kd]);
+                        cap.data.v[l].extend_from_slice(&base[CHUNK * (qd + kd)..][..n * kd]);
+                    }
+                }
+                cap.data.tokens += n;
+            }
             if which == Logits::All {
                 let all = gpu.read(&self.logits_all).await?;
                 out.extend_from_slice(&all[..chunk.len() * vocab]);
@@ -316,6 +446,7 @@ impl<'m> Session<'m> {
         let n = tokens.len();
         let (dim, hd) = (c.n_embd, c.head_dim);
         let first = self.cache.begin_tokens(gpu, n)?;
+        let pos = first + self.position_offset;
         self.ids.write(gpu, tokens);
         let mut b = gpu.batch("forward");
         ops::embed_into(gpu, &mut b, &m.embd, &self.ids, n, &self.x)?;
@@ -333,8 +464,31 @@ impl<'m> Session<'m> {
             ops::matmul_into(gpu, &mut b, &blk.wq, &self.h, n, &self.q)?;
             ops::matmul_into(gpu, &mut b, &blk.wk, &self.h, n, &self.k)?;
             ops::matmul_into(gpu, &mut b, &blk.wv, &self.h, n, &self.v)?;
-            ops::rope_into(gpu, &mut b, &self.q, n, c.n_head, hd, first, c.rope_base)?;
-            ops::rope_into(gpu, &mut b, &self.k, n, c.n_head_kv, hd, first, c.rope_base)?;
+            ops::rope_into(gpu, &mut b, &self.q, n, c.n_head, hd, pos, c.rope_base)?;
+            ops::rope_into(gpu, &mut b, &self.k, n, c.n_head_kv, hd, pos, c.rope_base)?;
+            if let Some(cap) = &self.capture {
+                let (qd, kd) = (c.n_head * hd, c.n_head_kv * hd);
+                let per_layer = CHUNK * (qd + if cap.kv { 2 * kd } else { 0 });
+                let at = |i: usize| ((l * per_layer + i) * 4) as u64;
+                b.copy(
+                    self.q.buffer(),
+                    0,
+                    cap.buf.buffer(),
+                    at(0),
+                    (n * qd * 4) as u64,
+                );
+                if cap.kv {
+                    let bytes = (n * kd * 4) as u64;
+                    b.copy(self.k.buffer(), 0, cap.buf.buffer(), at(CHUNK * qd), bytes);
+                    b.copy(
+                        self.v.buffer(),
+                        0,
+                        cap.buf.buffer(),
+                        at(CHUNK * (qd + kd)),
+                        bytes,
+                    );
+                }
+            }
             self.cache
                 .append_into(gpu, &mut b, l, first, n, &self.k, &self.v, &self.status)?;
             let pages = self.cache.pages(l);

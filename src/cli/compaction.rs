@@ -1,0 +1,498 @@
+//! `kvpack eval compaction`: continuation and recall perplexity after a compacted context, per
+//! method, compaction ratio and KV format, beside the full cache and no context.
+
+use super::generate::{Loaded, ModelArgs};
+use super::GpuArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kvpack::codec::KvFormat;
+use kvpack::compact::{
+    compact_context, Captured, CompactTimings, CompactedContext, ContextShape, FitOptions,
+    HeadCompaction, Method,
+};
+use kvpack::gpu::Gpu;
+use kvpack::kv::KvRecipe;
+use kvpack::model::llama::{Llama, Logits, Session};
+use kvpack::model::EncodeOptions;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// The instruction between the context and its repetition in the reference-query prefill.
+pub const REPEAT_PROMPT: &str = "\n\nRepeat the text above, word for word.\n\n";
+
+#[derive(Args)]
+pub struct CompactionArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A UTF-8 text file (scripts/fetch-data.sh fetches Brown and the KJV into data/).
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens of context that are compacted.
+    #[arg(long, default_value_t = 1024)]
+    context: usize,
+    /// Tokens after the context whose perplexity is measured.
+    #[arg(long, default_value_t = 256)]
+    continuation: usize,
+    /// The first N context tokens, fed again after the context for the recall perplexity.
+    #[arg(long, default_value_t = 256)]
+    recall: usize,
+    /// Compaction ratios: tokens per head kept = context / ratio.
+    #[arg(long, value_delimiter = ',', default_value = "5,10,20,50")]
+    ratios: Vec<f64>,
+    /// Methods: am, am-window, am-mix, h2o, snapkv, streaming.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "am,am-mix,h2o,snapkv,streaming"
+    )]
+    methods: Vec<String>,
+    /// KV formats the compacted cache is stored in.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    kv: Vec<String>,
+    /// Reference-query positions per KV head (evenly spaced over the repeat prefill).
+    #[arg(long, default_value_t = 1024)]
+    reference_positions: usize,
+    /// The first N cache slots are also kept in full precision (matters for quantized formats).
+    #[arg(long, default_value_t = 4)]
+    sinks: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    method: String,
+    ratio: f64,
+    kv: String,
+    tokens_per_head: usize,
+    ppl: f64,
+    gap_recovered: f64,
+    recall_ppl: f64,
+    recall_gap_recovered: f64,
+    kv_bytes: u64,
+    kv_bytes_f16_full: u64,
+    seconds: f64,
+    prefill_seconds: f64,
+}
+
+/// What [`compact_tokens`] produced.
+pub struct CompactionRun {
+    /// The context's keys, values and queries.
+    pub captured: Captured,
+    /// One compacted context per job.
+    pub compacted: Vec<CompactedContext>,
+    /// Where the compaction time went.
+    pub timings: CompactTimings,
+    /// Seconds of the context's prefill.
+    pub prefill_s: f64,
+    /// Seconds of the reference-query prefill (0 without Attention Matching).
+    pub repeat_s: f64,
+}
+
+/// Read `context` with an f32 cache, recording keys, values and queries; when a job needs them,
+/// read the repeat prompt and the context again for the reference queries; then compact for
+/// every job `(method, tokens per head)`.
+pub fn compact_tokens(
+    gpu: &Gpu,
+    loaded: &Loaded,
+    context: &[u32],
+    jobs: &[(Method, usize)],
+    reference_positions: usize,
+    sinks: usize,
+    log: &dyn Fn(&str),
+) -> Result<CompactionRun> {
+    let model = &loaded.model;
+    let c = &model.config;
+    let repeat: Vec<u32> = loaded
+        .tokenizer
+        .encode_with(
+            REPEAT_PROMPT,
+            EncodeOptions {
+                parse_special: false,
+                add_special: false,
+            },
+        )
+        .into_iter()
+        .chain(context.iter().copied())
+        .collect();
+    log(&format!("prefill of {} context tokens", context.len()));
+    let t = Instant::now();
+    let f32_fmt: KvFormat = "f32".parse()?;
+    let mut session = Session::new(
+        gpu,
+        model,
+        &KvRecipe::plain(f32_fmt, sinks),
+        context.len() + repeat.len(),
+    )?;
+    session.start_capture(gpu, true);
+    pollster::block_on(session.forward(gpu, context, Logits::Last))?;
+    let captured = session.take_capture().expect("capture started");
+    let prefill_s = t.elapsed().as_secs_f64();
+    let needs_ref = jobs.iter().any(|(m, _)| m.needs_reference_queries());
+    let mut repeat_s = 0.0;
+    let reference = if needs_ref {
+        log("reference queries: repeat-the-context prefill");
+        let t = Instant::now();
+        session.start_capture(gpu, false);
+        pollster::block_on(session.forward(gpu, &repeat, Logits::Last))?;
+        repeat_s = t.elapsed().as_secs_f64();
+        session.take_capture()
+    } else {
+        None
+    };
+    drop(session);
+    let shape = ContextShape {
+        n_layer: c.n_layer,
+        n_head: c.n_head,
+        n_kv_heads: c.n_head_kv,
+        head_dim: c.head_dim,
+    };
+    log(&format!("compacting: {} jobs", jobs.len()));
+    let (compacted, timings) = pollster::block_on(compact_context(
+        gpu,
+        shape,
+        &captured,
+        reference.as_ref(),
+        jobs,
+        reference_positions,
+        &FitOptions::default(),
+    ))?;
+    Ok(CompactionRun {
+        captured,
+        compacted,
+        timings,
+        prefill_s,
+        repeat_s,
+    })
+}
+
+/// Perplexity of `tokens[1..]` given `tokens[..n-1]`, fed into `session`.
+fn ppl(gpu: &Gpu, session: &mut Session<'_>, tokens: &[u32]) -> Result<f64> {
+    let logits = pollster::block_on(session.forward(gpu, tokens, Logits::All))?;
+    let v = logits.len() / tokens.len();
+    let mut nll = 0.0;
+    for i in 0..tokens.len() - 1 {
+        let row = &logits[i * v..(i + 1) * v];
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+        nll += lse - row[tokens[i + 1] as usize] as f64;
+    }
+    Ok((nll / (tokens.len() - 1) as f64).exp())
+}
+
+struct Measured {
+    ppl: f64,
+    recall: f64,
+    kv_bytes: u64,
+}
+
+/// Continuation and recall perplexity after `compacted` stored in `kv` (two fresh sessions: the
+/// cache cannot be rewound).
+fn measure(
+    gpu: &Gpu,
+    model: &Llama,
+    kv: KvFormat,
+    compacted: Option<&CompactedContext>,
+    sinks: usize,
+    continuation: &[u32],
+    recall: &[u32],
+) -> Result<Measured> {
+    let extra = continuation.len().max(recall.len());
+    let open = || -> Result<Session<'_>> {
+        let recipe = KvRecipe::plain(kv, sinks);
+        Ok(match compacted {
+            Some(c) => Session::from_compacted(gpu, model, &recipe, c, extra)?,
+            None => Session::new(gpu, model, &recipe, extra)?,
+        })
+    };
+    let mut s = open()?;
+    let kv_bytes = s.cache().bytes();
+    let p = ppl(gpu, &mut s, continuation)?;
+    drop(s);
+    let mut s = open()?;
+    let r = ppl(gpu, &mut s, recall)?;
+    Ok(Measured {
+        ppl: p,
+        recall: r,
+        kv_bytes,
+    })
+}
+
+pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
+    let methods: Vec<Method> = a
+        .methods
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
+    let formats: Vec<KvFormat> = a.kv.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+    if a.ratios.iter().any(|&r| r.is_nan() || r < 1.0) {
+        bail!("--ratios must be at least 1, got {:?}", a.ratios);
+    }
+    if a.continuation < 2 || a.recall < 2 || a.recall > a.context {
+        bail!("--continuation and --recall need at least 2 tokens, and --recall at most --context");
+    }
+    let text = std::fs::read_to_string(&a.text).with_context(|| {
+        format!(
+            "reading {} (fetch the evaluation texts with scripts/fetch-data.sh)",
+            a.text.display()
+        )
+    })?;
+    let gpu = gpu_args.open()?;
+    let loaded = a.model.load(&gpu, a.json)?;
+    let model = &loaded.model;
+    let c = &model.config;
+    for f in &formats {
+        f.validate_dim(c.head_dim)?;
+    }
+    let opts = EncodeOptions {
+        parse_special: false,
+        add_special: true,
+    };
+    let ids = loaded.tokenizer.encode_with(&text, opts);
+    if ids.len() < a.context + a.continuation {
+        bail!(
+            "{} has {} tokens; --context {} + --continuation {} are needed",
+            a.text.display(),
+            ids.len(),
+            a.context,
+            a.continuation
+        );
+    }
+    let context = &ids[..a.context];
+    let continuation = &ids[a.context..a.context + a.continuation];
+    let recall = &ids[..a.recall];
+    let log = |m: &str| {
+        if !a.json {
+            eprintln!("{m}");
+        }
+    };
+
+    let f32_fmt: KvFormat = "f32".parse()?;
+    let mut jobs = Vec::new();
+    for &m in &methods {
+        for &r in &a.ratios {
+            let budget = ((a.context as f64 / r).round() as usize).max(1);
+            jobs.push((m, budget, r));
+        }
+    }
+    let job_list: Vec<(Method, usize)> = jobs.iter().map(|&(m, b, _)| (m, b)).collect();
+    let run = compact_tokens(
+        &gpu,
+        &loaded,
+        context,
+        &job_list,
+        a.reference_positions,
+        a.sinks,
+        &log,
+    )?;
+    let (captured, compacted, timings) = (&run.captured, &run.compacted, &run.timings);
+    let (prefill_s, repeat_s) = (run.prefill_s, run.repeat_s);
+
+    // References: the whole context kept, and no context at all.
+    let full = CompactedContext {
+        context_len: a.context,
+        head_dim: c.head_dim,
+        layers: (0..c.n_layer)
+            .map(|l| {
+                (0..c.n_head_kv)
+                    .map(|h| {
+                        let gather = |x: &[f32]| -> Vec<f32> {
+                            (0..a.context)
+                                .flat_map(|p| {
+                                    &x[(p * c.n_head_kv + h) * c.head_dim..][..c.head_dim]
+                                })
+                                .copied()
+                                .collect()
+                        };
+                        let idx: Vec<usize> = (0..a.context).collect();
+                        HeadCompaction::keep(
+                            &gather(&captured.k[l]),
+                            &gather(&captured.v[l]),
+                            c.head_dim,
+                            &idx,
+                        )
+                    })
+                    .collect()
+            })
+            .collect(),
+    };
+    log("measuring: full context");
+    let m_full = measure(
+        &gpu,
+        model,
+        f32_fmt,
+        Some(&full),
+        a.sinks,
+        continuation,
+        recall,
+    )?;
+    log("measuring: no context");
+    let m_none = measure(&gpu, model, f32_fmt, None, a.sinks, continuation, recall)?;
+    let kv_bytes_f16_full = (2 * c.n_layer * c.n_head_kv * a.context * c.head_dim * 2) as u64;
+    let gap = |none: f64, full: f64, x: f64| (none - x) / (none - full);
+    let mut rows = Vec::new();
+    for (j, &(m, budget, r)) in jobs.iter().enumerate() {
+        let scores_s = match m {
+            Method::AmMix => repeat_s + timings.reference_scores_s + timings.context_scores_s,
+            m if m.needs_reference_queries() => repeat_s + timings.reference_scores_s,
+            Method::Streaming => 0.0,
+            // With H2O in the same run, SnapKV's scores are H2O's, over every position.
+            _ => timings.context_scores_s,
+        };
+        for &f in &formats {
+            log(&format!("measuring: {m} {r}x {f}"));
+            let got = measure(
+                &gpu,
+                model,
+                f,
+                Some(&compacted[j]),
+                a.sinks,
+                continuation,
+                recall,
+            )?;
+            rows.push(Row {
+                method: m.to_string(),
+                ratio: r,
+                kv: f.to_string(),
+                tokens_per_head: budget,
+                ppl: got.ppl,
+                gap_recovered: gap(m_none.ppl, m_full.ppl, got.ppl),
+                recall_ppl: got.recall,
+                recall_gap_recovered: gap(m_none.recall, m_full.recall, got.recall),
+                kv_bytes: got.kv_bytes,
+                kv_bytes_f16_full,
+                seconds: scores_s + timings.fit_s[j],
+                prefill_seconds: prefill_s,
+            });
+        }
+    }
+    if a.json {
+        let j = serde_json::json!({
+            "backend": gpu.backend_name(), "model": loaded.name,
+            "text": a.text.display().to_string(),
+            "context": a.context, "continuation": a.continuation, "recall": a.recall,
+            "ppl_full": m_full.ppl, "ppl_none": m_none.ppl,
+            "recall_ppl_full": m_full.recall, "recall_ppl_none": m_none.recall,
+            "kv_bytes_full_f32": m_full.kv_bytes,
+            "rows": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!(
+            "{} on {} ({}): {} context tokens of {}, {} continuation, {} recall",
+            loaded.name,
+            gpu.report().name,
+            gpu.backend_name(),
+            a.context,
+            a.text.display(),
+            a.continuation,
+            a.recall
+        );
+        println!(
+            "full context: ppl {:.3}, recall ppl {:.3}; no context: ppl {:.3}, recall ppl {:.3}; prefill {:.1} s",
+            m_full.ppl, m_full.recall, m_none.ppl, m_none.recall, prefill_s
+        );
+        println!(
+            "{:<10} {:>6} {:<8} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",
+            "method", "ratio", "kv", "ppl", "gap", "recall", "gap", "KV bytes", "seconds"
+        );
+        for r in &rows {
+            println!(
+                "{:<10} {:>6} {:<8} {:>9.3} {:>6.3} {:>9.3} {:>6.3} {:>10} {:>8.1}",
+                r.method,
+                r.ratio,
+                r.kv,
+                r.ppl,
+                r.gap_recovered,
+                r.recall_ppl,
+                r.recall_gap_recovered,
+                r.kv_bytes,
+                r.seconds
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct CompactArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A UTF-8 text file whose first --context tokens are compacted.
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens of the text to compact (fewer when the text is shorter).
+    #[arg(long, default_value_t = 1024)]
+    context: usize,
+    /// Compaction ratio: tokens per head kept = context / ratio.
+    #[arg(long)]
+    ratio: f64,
+    /// Method: am, am-window, am-mix, h2o, snapkv, streaming.
+    #[arg(long, default_value = "am")]
+    method: String,
+    /// KV format the compacted tokens are stored in when the file is loaded.
+    #[arg(long, default_value = "f32")]
+    kv: String,
+    /// Reference-query positions per KV head (Attention Matching).
+    #[arg(long, default_value_t = 1024)]
+    reference_positions: usize,
+    /// The output file (.kvpack).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `kvpack compact`: compact a text's context and save it as a `.kvpack` file.
+pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
+    let method: Method = a.method.parse()?;
+    let kv: KvFormat = a.kv.parse()?;
+    if a.ratio.is_nan() || a.ratio < 1.0 {
+        bail!("--ratio must be at least 1, got {}", a.ratio);
+    }
+    let text = std::fs::read_to_string(&a.text)
+        .with_context(|| format!("reading {}", a.text.display()))?;
+    let gpu = gpu_args.open()?;
+    let loaded = a.model.load(&gpu, false)?;
+    kv.validate_dim(loaded.model.config.head_dim)?;
+    let ids = loaded.tokenizer.encode_with(
+        &text,
+        EncodeOptions {
+            parse_special: false,
+            add_special: true,
+        },
+    );
+    let context = &ids[..a.context.min(ids.len())];
+    if context.is_empty() {
+        bail!("{} encodes to no tokens", a.text.display());
+    }
+    let budget = ((context.len() as f64 / a.ratio).round() as usize).max(1);
+    let t = Instant::now();
+    let run = compact_tokens(
+        &gpu,
+        &loaded,
+        context,
+        &[(method, budget)],
+        a.reference_positions,
+        4,
+        &|m| eprintln!("{m}"),
+    )?;
+    let sha = kvpack::model::fetch::sha256_file(&loaded.path)
+        .with_context(|| format!("hashing {}", loaded.path.display()))?;
+    let header = kvpack::compact::file::FileHeader {
+        model_sha256: sha,
+        kv: kv.to_string(),
+        method: method.to_string(),
+    };
+    kvpack::compact::file::save(&a.out, &header, &run.compacted[0])?;
+    let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "{}: {} context tokens → {budget} per KV head ({method}, {:.1}x); prefill {:.1} s, compaction {:.1} s; file {bytes} bytes (f32 tokens; stored as {kv} when loaded)",
+        a.out.display(),
+        context.len(),
+        context.len() as f64 / budget as f64,
+        run.prefill_s,
+        t.elapsed().as_secs_f64() - run.prefill_s,
+    );
+    Ok(())
+}

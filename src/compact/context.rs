@@ -1,0 +1,206 @@
+//! Compaction of a whole context: every layer and KV head, several (method, budget) jobs at once
+//! so the scores, the costly part, are computed once per head and shared.
+
+use super::{compact_head, head_scores, CompactError, CompactedContext, FitOptions, HeadInputs};
+use super::{HeadScores, Method, SNAPKV_WINDOW};
+
+/// Post-RoPE queries, keys and values of every layer, recorded while a model read a text.
+#[derive(Clone, Debug, Default)]
+pub struct Captured {
+    /// Tokens recorded.
+    pub tokens: usize,
+    /// Per layer, `tokens × n_head × head_dim` queries (after RoPE).
+    pub q: Vec<Vec<f32>>,
+    /// Per layer, `tokens × n_kv_heads × head_dim` keys (after RoPE); empty unless recorded.
+    pub k: Vec<Vec<f32>>,
+    /// Per layer, `tokens × n_kv_heads × head_dim` values; empty unless recorded.
+    pub v: Vec<Vec<f32>>,
+}
+
+/// Head layout of the model whose context is compacted.
+#[derive(Clone, Copy, Debug)]
+pub struct ContextShape {
+    /// Layers.
+    pub n_layer: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// KV heads.
+    pub n_kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+/// Where the time of [`compact_context`] went, in seconds.
+#[derive(Clone, Debug, Default)]
+pub struct CompactTimings {
+    /// Scores of the context's own queries (H2O, SnapKV), all layers and heads.
+    pub context_scores_s: f64,
+    /// Scores of the reference queries (Attention Matching), all layers and heads.
+    pub reference_scores_s: f64,
+    /// Selection and fit of each job, all layers and heads.
+    pub fit_s: Vec<f64>,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn now_s() -> f64 {
+    use std::sync::OnceLock;
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64()
+}
+
+#[cfg(target_arch = "wasm32")]
+fn now_s() -> f64 {
+    0.0
+}
+
+/// Rows `(position, query head of the group)` of one KV head, as a contiguous `rows × d` block.
+fn gather_queries(q: &[f32], shape: &ContextShape, h: usize, positions: &[usize]) -> Vec<f32> {
+    let (d, group) = (shape.head_dim, shape.n_head / shape.n_kv_heads);
+    let mut out = Vec::with_capacity(positions.len() * group * d);
+    for &p in positions {
+        for g in 0..group {
+            let hq = h * group + g;
+            out.extend_from_slice(&q[(p * shape.n_head + hq) * d..][..d]);
+        }
+    }
+    out
+}
+
+/// Evenly spaced `n` of `0..total` (all of them when `n ≥ total`).
+fn spread(total: usize, n: usize) -> Vec<usize> {
+    if n >= total {
+        return (0..total).collect();
+    }
+    (0..n).map(|i| i * total / n).collect()
+}
+
+/// Compact the context recorded in `context` (its keys, values and own queries) for every job
+/// `(method, tokens kept per head)`. `reference` holds the reference queries (Attention
+/// Matching's "repeat the context" prefill), of which at most `max_reference_positions`
+/// evenly spaced positions are used per KV head (all query heads of its group at each).
+pub async fn compact_context(
+    gpu: &crate::gpu::Gpu,
+    shape: ContextShape,
+    context: &Captured,
+    reference: Option<&Captured>,
+    jobs: &[(Method, usize)],
+    max_reference_positions: usize,
+    opts: &FitOptions,
+) -> Result<(Vec<CompactedContext>, CompactTimings), CompactError> {
+    let (d, nkv, t_ctx) = (shape.head_dim, shape.n_kv_heads, context.tokens);
+    let group = shape.n_head / nkv.max(1);
+    if context.k.len() != shape.n_layer || context.v.len() != shape.n_layer {
+        return Err(CompactError::Invalid(format!(
+            "the capture holds keys of {} layers and values of {}; the model has {}",
+            context.k.len(),
+            context.v.len(),
+            shape.n_layer
+        )));
+    }
+    let needs_ref = jobs.iter().any(|(m, _)| m.needs_reference_queries());
+    let needs_h2o = jobs
+        .iter()
+        .any(|(m, _)| matches!(m, Method::H2o | Method::AmMix));
+    let needs_mix = jobs.iter().any(|(m, _)| *m == Method::AmMix);
+    let needs_snap = jobs.iter().any(|(m, _)| *m == Method::SnapKv);
+    let reference = match (needs_ref, reference) {
+        (true, None) => {
+            return Err(CompactError::Invalid(
+                "Attention Matching needs reference queries".into(),
+            ))
+        }
+        (_, r) => r,
+    };
+    // Context rows: every position for H2O, the observation window for SnapKV alone.
+    let ctx_positions: Vec<usize> = if needs_h2o {
+        (0..t_ctx).collect()
+    } else if needs_snap {
+        (t_ctx.saturating_sub(SNAPKV_WINDOW)..t_ctx).collect()
+    } else {
+        Vec::new()
+    };
+    let ctx_lens: Vec<u32> = ctx_positions
+        .iter()
+        .flat_map(|&p| std::iter::repeat_n(p as u32 + 1, group))
+        .collect();
+    let ref_positions = reference
+        .map(|r| spread(r.tokens, max_reference_positions))
+        .unwrap_or_default();
+    let ref_lens = vec![t_ctx as u32; ref_positions.len() * group];
+    let mut timings = CompactTimings {
+        fit_s: vec![0.0; jobs.len()],
+        ..Default::default()
+    };
+    let mut out: Vec<CompactedContext> = jobs
+        .iter()
+        .map(|_| CompactedContext {
+            context_len: t_ctx,
+            head_dim: d,
+            layers: Vec::with_capacity(shape.n_layer),
+        })
+        .collect();
+    for l in 0..shape.n_layer {
+        for o in out.iter_mut() {
+            o.layers.push(Vec::with_capacity(nkv));
+        }
+        for h in 0..nkv {
+            let gather_kv = |x: &[f32]| -> Vec<f32> {
+                (0..t_ctx)
+                    .flat_map(|p| &x[(p * nkv + h) * d..][..d])
+                    .copied()
+                    .collect()
+            };
+            let keys = gather_kv(&context.k[l]);
+            let values = gather_kv(&context.v[l]);
+            let t0 = now_s();
+            let ctx_scores: Option<HeadScores> = if ctx_positions.is_empty() {
+                None
+            } else {
+                let q = gather_queries(&context.q[l], &shape, h, &ctx_positions);
+                Some(head_scores(gpu, &q, &ctx_lens, &keys, &values, d).await?)
+            };
+            let t1 = now_s();
+            let ref_scores: Option<HeadScores> = match reference {
+                Some(r) if needs_ref => {
+                    let q = gather_queries(&r.q[l], &shape, h, &ref_positions);
+                    Some(head_scores(gpu, &q, &ref_lens, &keys, &values, d).await?)
+                }
+                _ => None,
+            };
+            let t2 = now_s();
+            timings.context_scores_s += t1 - t0;
+            timings.reference_scores_s += t2 - t1;
+            let mixed = match (&ref_scores, &ctx_scores) {
+                (Some(r), Some(c)) if needs_mix => Some(r.concat(c)),
+                _ => None,
+            };
+            let inputs = HeadInputs {
+                keys: &keys,
+                values: &values,
+                d,
+                context: ctx_scores.as_ref(),
+                rows_per_position: group,
+                reference: ref_scores.as_ref(),
+            };
+            let mixed_inputs = HeadInputs {
+                reference: mixed.as_ref(),
+                ..inputs
+            };
+            for (j, &(method, budget)) in jobs.iter().enumerate() {
+                let s = now_s();
+                let which = if method == Method::AmMix {
+                    &mixed_inputs
+                } else {
+                    &inputs
+                };
+                let hc = compact_head(method, which, budget, opts)?;
+                timings.fit_s[j] += now_s() - s;
+                out[j].layers[l].push(hc);
+            }
+        }
+    }
+    Ok((out, timings))
+}

@@ -1,0 +1,323 @@
+//! `.kvpack` files: a compacted context saved to disk and loaded back bit for bit.
+//!
+//! Layout, little-endian:
+//! ```text
+//! magic "KVPACK\r\n" | version u32 = 1 | model sha256 (32 bytes) | kv format: u32 length + UTF-8
+//! | method: u32 length + UTF-8 | context_len u32 | head_dim u32 | n_layer u32 | n_kv_heads u32
+//! | per layer, per KV head: t u32 | positions t × u32 | keys t·d × f32 | values t·d × f32
+//! | bias t × f32
+//! | sha256 of everything before (32 bytes)
+//! ```
+//! Keys, values and biases are stored in f32, so a loaded cache is the one saved; the KV format
+//! recorded in the header is the one the session stores them in. Writes go to a temporary file
+//! that is renamed over the target, so a crash never leaves a half-written file under its name.
+
+use super::{CompactedContext, HeadCompaction};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+const MAGIC: &[u8; 8] = b"KVPACK\r\n";
+const VERSION: u32 = 1;
+
+/// Errors of reading or writing a `.kvpack` file.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The file system.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Not a `.kvpack` file, or damaged.
+    #[error("{path} is not a valid .kvpack file: {why}")]
+    Damaged {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Made with another model.
+    #[error("{path} was made with the model of sha256 {file}, not this one ({model}): compact the text again with this model")]
+    WrongModel {
+        /// The file.
+        path: String,
+        /// The sha256 in the file.
+        file: String,
+        /// The sha256 of the model in use.
+        model: String,
+    },
+}
+
+/// What a `.kvpack` file holds besides the compacted context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileHeader {
+    /// sha256 of the GGUF model file that produced the context, hex.
+    pub model_sha256: String,
+    /// KV format the session stores the tokens in (e.g. `"turbo3"`).
+    pub kv: String,
+    /// Compaction method, for the record.
+    pub method: String,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Serialize to bytes (checksum included).
+pub fn to_bytes(header: &FileHeader, c: &CompactedContext) -> Result<Vec<u8>, String> {
+    let sha = unhex(&header.model_sha256).ok_or_else(|| {
+        format!(
+            "model sha256 {:?} is not 64 hex digits",
+            header.model_sha256
+        )
+    })?;
+    let mut b = Vec::new();
+    let u32le = |b: &mut Vec<u8>, x: usize| b.extend_from_slice(&(x as u32).to_le_bytes());
+    b.extend_from_slice(MAGIC);
+    u32le(&mut b, VERSION as usize);
+    b.extend_from_slice(&sha);
+    for s in [&header.kv, &header.method] {
+        u32le(&mut b, s.len());
+        b.extend_from_slice(s.as_bytes());
+    }
+    let n_kv = c.layers.first().map_or(0, |l| l.len());
+    for x in [c.context_len, c.head_dim, c.layers.len(), n_kv] {
+        u32le(&mut b, x);
+    }
+    for layer in &c.layers {
+        if layer.len() != n_kv {
+            return Err("layers hold different numbers of heads".into());
+        }
+        for h in layer {
+            let t = h.len();
+            if h.keys.len() != t * c.head_dim
+                || h.values.len() != t * c.head_dim
+                || h.bias.len() != t
+            {
+                return Err("a head's keys, values and biases disagree in length".into());
+            }
+            u32le(&mut b, t);
+            for &p in &h.positions {
+                b.extend_from_slice(&p.to_le_bytes());
+            }
+            for x in h.keys.iter().chain(&h.values).chain(&h.bias) {
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+    }
+    let sum = Sha256::digest(&b);
+    b.extend_from_slice(&sum);
+    Ok(b)
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
+        let end = end.ok_or_else(|| format!("truncated at byte {}", self.at))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<usize, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")) as usize)
+    }
+    fn f32s(&mut self, n: usize) -> Result<Vec<f32>, String> {
+        let bytes = self.take(n.checked_mul(4).ok_or("length overflow")?)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect())
+    }
+    fn string(&mut self) -> Result<String, String> {
+        let n = self.u32()?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "a name is not UTF-8".into())
+    }
+}
+
+/// Parse bytes written by [`to_bytes`]: checksum first, then every length against the file.
+pub fn from_bytes(b: &[u8]) -> Result<(FileHeader, CompactedContext), String> {
+    if b.len() < MAGIC.len() + 4 + 32 || &b[..8] != MAGIC {
+        return Err("no kvpack header".into());
+    }
+    let (body, sum) = b.split_at(b.len() - 32);
+    if Sha256::digest(body).as_slice() != sum {
+        return Err("checksum mismatch (the file is damaged or truncated)".into());
+    }
+    let mut r = Reader { b: body, at: 8 };
+    let version = r.u32()?;
+    if version != VERSION as usize {
+        return Err(format!(
+            "version {version}; this kvpack reads version {VERSION}"
+        ));
+    }
+    let model_sha256 = hex(r.take(32)?);
+    let kv = r.string()?;
+    let method = r.string()?;
+    let (context_len, head_dim, n_layer, n_kv) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
+    let mut layers = Vec::with_capacity(n_layer.min(4096));
+    for _ in 0..n_layer {
+        let mut heads = Vec::with_capacity(n_kv.min(4096));
+        for _ in 0..n_kv {
+            let t = r.u32()?;
+            let positions: Vec<u32> = (0..t)
+                .map(|_| r.u32().map(|p| p as u32))
+                .collect::<Result<_, _>>()?;
+            if positions.iter().any(|&p| p as usize >= context_len) {
+                return Err(format!("a position lies past the context of {context_len}"));
+            }
+            let td = t.checked_mul(head_dim).ok_or("length overflow")?;
+            let keys = r.f32s(td)?;
+            let values = r.f32s(td)?;
+            let bias = r.f32s(t)?;
+            heads.push(HeadCompaction {
+                positions,
+                keys,
+                values,
+                bias,
+            });
+        }
+        layers.push(heads);
+    }
+    if r.at != body.len() {
+        return Err(format!("{} bytes left over", body.len() - r.at));
+    }
+    Ok((
+        FileHeader {
+            model_sha256,
+            kv,
+            method,
+        },
+        CompactedContext {
+            context_len,
+            head_dim,
+            layers,
+        },
+    ))
+}
+
+/// Write atomically: a temporary file beside `path`, then a rename.
+pub fn save(path: &Path, header: &FileHeader, c: &CompactedContext) -> Result<(), FileError> {
+    let p = path.display().to_string();
+    let bytes = to_bytes(header, c).map_err(|why| FileError::Damaged {
+        path: p.clone(),
+        why,
+    })?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let io = |source| FileError::Io {
+        path: p.clone(),
+        source,
+    };
+    std::fs::write(&tmp, &bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}
+
+/// Read a file and check it was made with the model whose sha256 is `model_sha256` (hex).
+pub fn load(path: &Path, model_sha256: &str) -> Result<(FileHeader, CompactedContext), FileError> {
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| FileError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let (h, c) = from_bytes(&bytes).map_err(|why| FileError::Damaged {
+        path: p.clone(),
+        why,
+    })?;
+    if !h.model_sha256.eq_ignore_ascii_case(model_sha256) {
+        return Err(FileError::WrongModel {
+            path: p,
+            file: h.model_sha256,
+            model: model_sha256.to_string(),
+        });
+    }
+    Ok((h, c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (FileHeader, CompactedContext) {
+        let head = |t: usize, s: f32| HeadCompaction {
+            positions: (0..t as u32).map(|p| p * 3).collect(),
+            keys: (0..t * 4).map(|i| i as f32 * s).collect(),
+            values: (0..t * 4).map(|i| -(i as f32) * s).collect(),
+            bias: (0..t).map(|i| i as f32 * 0.5 - 1.0).collect(),
+        };
+        (
+            FileHeader {
+                model_sha256: "ab".repeat(32),
+                kv: "turbo3".into(),
+                method: "am".into(),
+            },
+            CompactedContext {
+                context_len: 30,
+                head_dim: 4,
+                layers: vec![
+                    vec![head(5, 1.0), head(5, 2.0)],
+                    vec![head(5, 3.0), head(5, 0.25)],
+                ],
+            },
+        )
+    }
+
+    #[test]
+    fn save_then_load_gives_back_the_same_context() {
+        let (h, c) = sample();
+        let dir = std::env::temp_dir().join(format!("kvpack-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.kvpack");
+        save(&path, &h, &c).unwrap();
+        let (h2, c2) = load(&path, &h.model_sha256).unwrap();
+        assert_eq!((h2, c2), (h.clone(), c.clone()));
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        // Another model's sha256 is refused with both hashes named.
+        let err = load(&path, &"cd".repeat(32)).unwrap_err().to_string();
+        assert!(
+            err.contains(&"ab".repeat(32)) && err.contains(&"cd".repeat(32)),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn damaged_and_truncated_files_are_refused() {
+        let (h, c) = sample();
+        let good = to_bytes(&h, &c).unwrap();
+        for at in [0, 9, 60, good.len() / 2, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x40;
+            assert!(
+                from_bytes(&bad).is_err(),
+                "a flipped byte at {at} was accepted"
+            );
+        }
+        for len in [0, 7, 40, good.len() - 1] {
+            assert!(from_bytes(&good[..len]).is_err(), "{len} bytes accepted");
+        }
+        assert!(from_bytes(&good).is_ok());
+    }
+}

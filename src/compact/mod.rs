@@ -1,0 +1,459 @@
+//! KV-cache compaction: Attention Matching (Zweiger et al., arXiv 2602.16284) and the eviction
+//! baselines it is measured against, at the same token budget.
+//!
+//! For one layer's KV head with keys K and values V (T × d, post-RoPE) and reference queries Q,
+//! Attention Matching keeps t ≪ T keys C_k, a bias β per key and fitted values C_v so that
+//! softmax(Q C_kᵀ/√d + β) C_v ≈ softmax(Q Kᵀ/√d) V and Σ exp(Q C_kᵀ/√d + β) ≈ Σ exp(Q Kᵀ/√d):
+//! - keys: the t keys with the highest RMS attention probability over Q (HighestAttnKeys);
+//! - β: with w = exp(β) the mass condition is linear in w: non-negative least squares, each query
+//!   row weighted by 1/its mass (relative error), w clamped to [e^−[`BIAS_LIMIT`], e^[`BIAS_LIMIT`]];
+//! - values: ridge least squares of the biased attention weights against the original outputs,
+//!   shrunk toward the selected tokens' own values.
+//!
+//! The large score computation runs on the GPU ([`head_scores`]); the t × t solves on the CPU.
+//! Baselines keep original tokens with β = 0: StreamingLLM (sinks + most recent), H2O (heavy
+//! hitters by accumulated attention + recent window), SnapKV (attention from an observation
+//! window at the end of the context, pooled). Compacted keys keep their RoPE positions.
+
+mod context;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod file;
+mod fit;
+mod scores;
+
+pub use context::{compact_context, Captured, CompactTimings, ContextShape};
+
+pub use fit::{nnls, ridge_toward};
+pub use scores::{head_scores, reference_head_scores, HeadScores};
+
+use nalgebra::{DMatrix, DVector};
+
+/// Largest |β|: w = exp(β) is clamped to [e^−BIAS_LIMIT, e^BIAS_LIMIT].
+pub const BIAS_LIMIT: f64 = 10.0;
+
+/// Errors of compaction.
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    /// A method name that is not known.
+    #[error(
+        "unknown compaction method {0:?}: use am, am-window, am-mix, h2o, snapkv or streaming"
+    )]
+    UnknownMethod(String),
+    /// Inconsistent inputs.
+    #[error("{0}")]
+    Invalid(String),
+    /// The GPU layer failed.
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+}
+
+/// How a head's cache is reduced to its budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Plain Attention Matching: HighestAttnKeys, NNLS β, least-squares values.
+    Am,
+    /// Attention Matching that keeps the attention sinks and a recent window exact (β = 0,
+    /// original values; counted in the budget) and fits the rest.
+    AmWindow,
+    /// Attention Matching whose reference queries are the repeat prefill's together with the
+    /// context's own (causal) queries: the latter resemble the queries of a continuation.
+    AmMix,
+    /// H2O: heavy hitters by accumulated attention over the context's own queries + a recent window.
+    H2o,
+    /// SnapKV: keys the last [`SNAPKV_WINDOW`] positions attend to (max-pooled) + that window.
+    SnapKv,
+    /// StreamingLLM: the attention sinks + the most recent tokens.
+    Streaming,
+}
+
+impl std::str::FromStr for Method {
+    type Err = CompactError;
+    fn from_str(s: &str) -> Result<Method, CompactError> {
+        Ok(match s.trim() {
+            "am" => Method::Am,
+            "am-window" => Method::AmWindow,
+            "am-mix" => Method::AmMix,
+            "h2o" => Method::H2o,
+            "snapkv" => Method::SnapKv,
+            "streaming" | "streamingllm" => Method::Streaming,
+            other => return Err(CompactError::UnknownMethod(other.to_string())),
+        })
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Am => "am",
+            Method::AmWindow => "am-window",
+            Method::AmMix => "am-mix",
+            Method::H2o => "h2o",
+            Method::SnapKv => "snapkv",
+            Method::Streaming => "streaming",
+        })
+    }
+}
+
+impl Method {
+    /// Whether the method reads the reference queries (Attention Matching) rather than only the
+    /// context's own queries.
+    pub fn needs_reference_queries(self) -> bool {
+        matches!(self, Method::Am | Method::AmWindow | Method::AmMix)
+    }
+}
+
+/// Tokens at the start that StreamingLLM and `am-window` keep (the attention sinks).
+pub const SINK_TOKENS: usize = 4;
+/// SnapKV's observation window (positions at the end of the context).
+pub const SNAPKV_WINDOW: usize = 32;
+/// SnapKV's max-pooling kernel over key positions.
+pub const SNAPKV_POOL: usize = 7;
+
+/// Knobs of the Attention Matching fit.
+#[derive(Clone, Copy, Debug)]
+pub struct FitOptions {
+    /// Coordinate-descent sweeps of the NNLS.
+    pub nnls_sweeps: usize,
+    /// Ridge of the value fit, relative to the mean diagonal of the normal matrix.
+    pub value_ridge: f64,
+    /// `am-window`: fraction of the budget kept as an exact recent window.
+    pub recent_fraction: f64,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            nnls_sweeps: 300,
+            value_ridge: 1e-3,
+            recent_fraction: 0.25,
+        }
+    }
+}
+
+/// One KV head after compaction: its kept tokens in position order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadCompaction {
+    /// Original positions of the kept keys (their RoPE is that of these positions).
+    pub positions: Vec<u32>,
+    /// `t × d` keys (post-RoPE).
+    pub keys: Vec<f32>,
+    /// `t × d` values.
+    pub values: Vec<f32>,
+    /// `t` additive biases β on the attention scores.
+    pub bias: Vec<f32>,
+}
+
+impl HeadCompaction {
+    /// Kept tokens.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// Original tokens `idx` (ascending) with β = 0.
+    pub fn keep(keys: &[f32], values: &[f32], d: usize, idx: &[usize]) -> HeadCompaction {
+        HeadCompaction {
+            positions: idx.iter().map(|&i| i as u32).collect(),
+            keys: idx
+                .iter()
+                .flat_map(|&i| &keys[i * d..][..d])
+                .copied()
+                .collect(),
+            values: idx
+                .iter()
+                .flat_map(|&i| &values[i * d..][..d])
+                .copied()
+                .collect(),
+            bias: vec![0.0; idx.len()],
+        }
+    }
+}
+
+/// A compacted context: per layer, per KV head.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompactedContext {
+    /// Tokens of the original context; new tokens continue at this position.
+    pub context_len: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// `layers[l][h]`.
+    pub layers: Vec<Vec<HeadCompaction>>,
+}
+
+impl CompactedContext {
+    /// Tokens kept per head, when every head keeps the same number.
+    pub fn uniform_len(&self) -> Option<usize> {
+        let first = self.layers.first()?.first()?.len();
+        self.layers
+            .iter()
+            .flatten()
+            .all(|h| h.len() == first)
+            .then_some(first)
+    }
+
+    /// Kept tokens summed over layers and heads.
+    pub fn total_tokens(&self) -> usize {
+        self.layers.iter().flatten().map(|h| h.len()).sum()
+    }
+}
+
+/// Top `n` of `score` among `candidates` (ties to the earlier position).
+fn top_n(score: &[f64], candidates: impl Iterator<Item = usize>, n: usize) -> Vec<usize> {
+    let mut c: Vec<usize> = candidates.collect();
+    c.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+    c.truncate(n);
+    c
+}
+
+fn sorted(mut v: Vec<usize>) -> Vec<usize> {
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// StreamingLLM: the first [`SINK_TOKENS`] and the most recent tokens, `budget` in all.
+pub fn select_streaming(n_k: usize, budget: usize) -> Vec<usize> {
+    let budget = budget.min(n_k);
+    let sinks = SINK_TOKENS.min(budget);
+    sorted((0..sinks).chain(n_k - (budget - sinks)..n_k).collect())
+}
+
+/// H2O: half the budget the most recent tokens, half the keys of highest attention accumulated
+/// over the context's own (causal) queries `ctx`.
+pub fn select_h2o(ctx: &HeadScores, budget: usize) -> Vec<usize> {
+    let n_k = ctx.n_k;
+    let budget = budget.min(n_k);
+    let recent = budget / 2;
+    let mut acc = vec![0f64; n_k];
+    for i in 0..ctx.n_q {
+        let l = ctx.sum[i] as f64;
+        if l > 0.0 {
+            for (a, &e) in acc.iter_mut().zip(&ctx.e[i * n_k..(i + 1) * n_k]) {
+                *a += e as f64 / l;
+            }
+        }
+    }
+    let heavy = top_n(&acc, 0..n_k - recent, budget - recent);
+    sorted(heavy.into_iter().chain(n_k - recent..n_k).collect())
+}
+
+/// SnapKV: the last `obs_rows` rows of `ctx` are the observation window's queries (covering
+/// [`SNAPKV_WINDOW`] positions); their attention, summed and max-pooled over
+/// [`SNAPKV_POOL`] neighbouring keys, picks the keys before the window; the window is kept.
+pub fn select_snapkv(ctx: &HeadScores, obs_rows: usize, budget: usize) -> Vec<usize> {
+    let n_k = ctx.n_k;
+    let budget = budget.min(n_k);
+    let window = SNAPKV_WINDOW.min(budget).min(n_k);
+    let prefix = n_k - window;
+    let mut acc = vec![0f64; n_k];
+    for i in ctx.n_q.saturating_sub(obs_rows)..ctx.n_q {
+        for (j, a) in acc.iter_mut().enumerate().take(prefix) {
+            *a += ctx.prob(i, j) as f64;
+        }
+    }
+    let half = SNAPKV_POOL / 2;
+    let pooled: Vec<f64> = (0..n_k)
+        .map(|j| {
+            let lo = j.saturating_sub(half);
+            let hi = (j + half + 1).min(prefix.max(lo + 1));
+            acc[lo..hi].iter().cloned().fold(0.0, f64::max)
+        })
+        .collect();
+    let picked = top_n(&pooled, 0..prefix, budget - window);
+    sorted(picked.into_iter().chain(prefix..n_k).collect())
+}
+
+/// HighestAttnKeys: the keys of highest RMS attention probability over the reference queries,
+/// `budget` in all, always including `fixed`.
+pub fn select_highest_attention(refs: &HeadScores, budget: usize, fixed: &[usize]) -> Vec<usize> {
+    let n_k = refs.n_k;
+    let budget = budget.min(n_k);
+    let mut ms = vec![0f64; n_k];
+    for i in 0..refs.n_q {
+        for (j, m) in ms.iter_mut().enumerate() {
+            let p = refs.prob(i, j) as f64;
+            *m += p * p;
+        }
+    }
+    let mut is_fixed = vec![false; n_k];
+    for &f in fixed {
+        is_fixed[f] = true;
+    }
+    let free = budget.saturating_sub(fixed.len());
+    let picked = top_n(&ms, (0..n_k).filter(|&j| !is_fixed[j]), free);
+    sorted(picked.into_iter().chain(fixed.iter().copied()).collect())
+}
+
+/// Attention Matching's fit for one head: given the kept positions `idx` (ascending) and which of
+/// them are `fixed` (kept exact: β = 0, original value), fit β and the values of the others so
+/// the reference queries' attention mass and outputs match the full head's.
+pub fn fit_head(
+    refs: &HeadScores,
+    keys: &[f32],
+    values: &[f32],
+    d: usize,
+    idx: &[usize],
+    fixed: &[bool],
+    opts: &FitOptions,
+) -> HeadCompaction {
+    let mut out = HeadCompaction::keep(keys, values, d, idx);
+    let free: Vec<usize> = (0..idx.len()).filter(|&c| !fixed[c]).collect();
+    let rows: Vec<usize> = (0..refs.n_q).filter(|&i| refs.sum[i] > 0.0).collect();
+    if free.is_empty() || rows.is_empty() {
+        return out;
+    }
+    let n = rows.len();
+    // Mass: Σ_j e_ij w_j ≈ sum_i, each row divided by sum_i; fixed keys contribute w = 1.
+    let mut a = DMatrix::<f64>::zeros(n, free.len());
+    let mut b = DVector::<f64>::zeros(n);
+    for (r, &i) in rows.iter().enumerate() {
+        let inv = 1.0 / refs.sum[i] as f64;
+        let erow = &refs.e[i * refs.n_k..(i + 1) * refs.n_k];
+        let mut fixed_mass = 0.0;
+        for (c, &j) in idx.iter().enumerate() {
+            if fixed[c] {
+                fixed_mass += erow[j] as f64;
+            }
+        }
+        b[r] = 1.0 - fixed_mass * inv;
+        for (f, &c) in free.iter().enumerate() {
+            a[(r, f)] = erow[idx[c]] as f64 * inv;
+        }
+    }
+    // Start from the best common weight.
+    let a1 = a.column_sum();
+    let w0 = (a1.dot(&b) / a1.dot(&a1).max(1e-300)).max(1e-3);
+    let mut w = DVector::from_element(free.len(), w0);
+    nnls(&a, &b, &mut w, opts.nnls_sweeps, 1e-6);
+    let (lo, hi) = ((-BIAS_LIMIT).exp(), BIAS_LIMIT.exp());
+    w.apply(|x| *x = x.clamp(lo, hi));
+    let mut w_all = vec![1.0f64; idx.len()];
+    for (f, &c) in free.iter().enumerate() {
+        w_all[c] = w[f];
+        out.bias[c] = w[f].ln() as f32;
+    }
+    // Values: p'_ij = e_ij w_j / Σ_k e_ik w_k; p'_free · X ≈ y_i − p'_fixed · v_fixed.
+    let mut p = DMatrix::<f64>::zeros(n, free.len());
+    let mut y = DMatrix::<f64>::zeros(n, d);
+    for (r, &i) in rows.iter().enumerate() {
+        let erow = &refs.e[i * refs.n_k..(i + 1) * refs.n_k];
+        let den: f64 = idx
+            .iter()
+            .zip(&w_all)
+            .map(|(&j, &wj)| erow[j] as f64 * wj)
+            .sum();
+        if den <= 0.0 {
+            continue;
+        }
+        for c in 0..d {
+            y[(r, c)] = refs.y[i * d + c] as f64;
+        }
+        for (c, &j) in idx.iter().enumerate() {
+            let pj = erow[j] as f64 * w_all[c] / den;
+            if fixed[c] {
+                for k in 0..d {
+                    y[(r, k)] -= pj * values[j * d + k] as f64;
+                }
+            }
+        }
+        for (f, &c) in free.iter().enumerate() {
+            p[(r, f)] = erow[idx[c]] as f64 * w_all[c] / den;
+        }
+    }
+    let prior = DMatrix::from_fn(free.len(), d, |f, k| values[idx[free[f]] * d + k] as f64);
+    let x = ridge_toward(&p, &y, &prior, opts.value_ridge);
+    for (f, &c) in free.iter().enumerate() {
+        for k in 0..d {
+            out.values[c * d + k] = x[(f, k)] as f32;
+        }
+    }
+    out
+}
+
+/// The scores one head's compaction reads.
+pub struct HeadInputs<'a> {
+    /// `n_k × d` keys (post-RoPE).
+    pub keys: &'a [f32],
+    /// `n_k × d` values.
+    pub values: &'a [f32],
+    /// Head dimension.
+    pub d: usize,
+    /// The context's own queries (causal), rows ordered by position: H2O and SnapKV.
+    pub context: Option<&'a HeadScores>,
+    /// Query rows per position in `context` (query heads sharing this KV head).
+    pub rows_per_position: usize,
+    /// Reference queries (Attention Matching; for `am-mix`, the mixed set).
+    pub reference: Option<&'a HeadScores>,
+}
+
+impl HeadScores {
+    /// The rows of `self` followed by those of `other` (same keys).
+    pub fn concat(&self, other: &HeadScores) -> HeadScores {
+        let cat = |a: &[f32], b: &[f32]| [a, b].concat();
+        HeadScores {
+            n_q: self.n_q + other.n_q,
+            n_k: self.n_k,
+            e: cat(&self.e, &other.e),
+            max: cat(&self.max, &other.max),
+            sum: cat(&self.sum, &other.sum),
+            y: cat(&self.y, &other.y),
+        }
+    }
+}
+
+fn scores_for<'a>(
+    s: Option<&'a HeadScores>,
+    n_k: usize,
+    method: Method,
+    what: &str,
+) -> Result<&'a HeadScores, CompactError> {
+    s.filter(|s| s.n_k == n_k).ok_or_else(|| {
+        CompactError::Invalid(format!(
+            "{method} needs the {what} queries' scores over the head's {n_k} keys"
+        ))
+    })
+}
+
+/// Compact one head to `budget` tokens with `method`.
+pub fn compact_head(
+    method: Method,
+    inputs: &HeadInputs<'_>,
+    budget: usize,
+    opts: &FitOptions,
+) -> Result<HeadCompaction, CompactError> {
+    let d = inputs.d;
+    let n_k = inputs.keys.len() / d.max(1);
+    let budget = budget.clamp(1, n_k.max(1));
+    let need = |s, what| scores_for(s, n_k, method, what);
+    let keep = |idx: Vec<usize>| HeadCompaction::keep(inputs.keys, inputs.values, d, &idx);
+    Ok(match method {
+        Method::Streaming => keep(select_streaming(n_k, budget)),
+        Method::H2o => keep(select_h2o(need(inputs.context, "context")?, budget)),
+        Method::SnapKv => {
+            let obs = SNAPKV_WINDOW * inputs.rows_per_position.max(1);
+            keep(select_snapkv(need(inputs.context, "context")?, obs, budget))
+        }
+        Method::Am | Method::AmWindow | Method::AmMix => {
+            let refs = need(inputs.reference, "reference")?;
+            let fixed_idx: Vec<usize> = if method == Method::AmWindow {
+                let sinks = SINK_TOKENS.min(budget / 2);
+                let recent = ((budget as f64 * opts.recent_fraction) as usize)
+                    .min(budget - sinks)
+                    .min(n_k - sinks);
+                sorted((0..sinks).chain(n_k - recent..n_k).collect())
+            } else {
+                Vec::new()
+            };
+            let idx = select_highest_attention(refs, budget, &fixed_idx);
+            let fixed: Vec<bool> = idx.iter().map(|j| fixed_idx.contains(j)).collect();
+            fit_head(refs, inputs.keys, inputs.values, d, &idx, &fixed, opts)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

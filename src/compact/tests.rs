@@ -1,0 +1,264 @@
+use super::*;
+use crate::codec::SplitMix64;
+
+fn gauss(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
+    (0..n.div_ceil(2))
+        .flat_map(|_| {
+            let (a, b) = rng.next_gaussian_pair();
+            [a as f32, b as f32]
+        })
+        .take(n)
+        .collect()
+}
+
+/// A head with known structure: T keys drawn around `clusters` centres (small spread), values
+/// a fixed function of the centre plus noise, and queries that attend to a few centres.
+struct Synthetic {
+    d: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+fn synthetic(t: usize, d: usize, clusters: usize, seed: u64) -> Synthetic {
+    let mut rng = SplitMix64::new(seed);
+    let centres: Vec<f32> = gauss(&mut rng, clusters * d)
+        .iter()
+        .map(|x| 2.5 * x)
+        .collect();
+    let vcentres = gauss(&mut rng, clusters * d);
+    let mut keys = Vec::with_capacity(t * d);
+    let mut values = Vec::with_capacity(t * d);
+    for i in 0..t {
+        let c = (i * 7 + i / 3) % clusters;
+        let nk = gauss(&mut rng, d);
+        let nv = gauss(&mut rng, d);
+        keys.extend((0..d).map(|j| centres[c * d + j] + 0.05 * nk[j]));
+        values.extend((0..d).map(|j| vcentres[c * d + j] + 0.05 * nv[j]));
+    }
+    Synthetic { d, keys, values }
+}
+
+fn queries(n: usize, d: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    gauss(&mut rng, n * d).iter().map(|x| 0.6 * x).collect()
+}
+
+/// Outputs and log-masses of `q` over a compacted head (β added to the scores).
+fn attend(q: &[f32], h: &HeadCompaction, d: usize) -> (Vec<f64>, Vec<f64>) {
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = Vec::new();
+    let mut mass = Vec::new();
+    for qi in q.chunks(d) {
+        let s: Vec<f64> = (0..h.len())
+            .map(|j| {
+                let kj = &h.keys[j * d..][..d];
+                qi.iter()
+                    .zip(kj)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    * scale
+                    + h.bias[j] as f64
+            })
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let l: f64 = w.iter().sum();
+        mass.push(m + l.ln());
+        for c in 0..d {
+            out.push(
+                (0..h.len())
+                    .map(|j| w[j] * h.values[j * d + c] as f64)
+                    .sum::<f64>()
+                    / l,
+            );
+        }
+    }
+    (out, mass)
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}
+
+fn full(s: &Synthetic) -> HeadCompaction {
+    let n = s.keys.len() / s.d;
+    HeadCompaction::keep(&s.keys, &s.values, s.d, &(0..n).collect::<Vec<_>>())
+}
+
+/// Known structure: every 8th key is salient (large, distinct); the others are near-null keys
+/// whose scores hardly depend on the query, so together they act as one constant mass with the
+/// mean of their values. A few fitted tokens can stand in for all of them.
+fn salient_and_null(t: usize, d: usize, seed: u64) -> Synthetic {
+    let mut rng = SplitMix64::new(seed);
+    let raw = gauss(&mut rng, t * d);
+    let keys = raw
+        .chunks(d)
+        .enumerate()
+        .flat_map(|(i, k)| {
+            let s = if i % 8 == 0 { 2.0 } else { 0.02 };
+            k.iter().map(move |x| s * x)
+        })
+        .collect();
+    Synthetic {
+        d,
+        keys,
+        values: gauss(&mut rng, t * d),
+    }
+}
+
+#[test]
+fn am_reproduces_outputs_and_mass_when_the_budget_covers_the_structure() {
+    let (t, d) = (256, 16);
+    let s = salient_and_null(t, d, 3);
+    let q_ref = queries(200, d, 4);
+    let refs = reference_head_scores(&q_ref, &vec![t as u32; 200], &s.keys, &s.values, d).unwrap();
+    let inputs = HeadInputs {
+        keys: &s.keys,
+        values: &s.values,
+        d,
+        context: None,
+        rows_per_position: 1,
+        reference: Some(&refs),
+    };
+    let (y_full, m_full) = attend(&q_ref, &full(&s), d);
+    // Held-out queries from the same distribution.
+    let q_test = queries(100, d, 5);
+    let (y_test, m_test) = attend(&q_test, &full(&s), d);
+    let opts = FitOptions::default();
+    let am = compact_head(Method::Am, &inputs, 40, &opts).unwrap();
+    assert_eq!(am.len(), 40);
+    let (y_am, m_am) = attend(&q_ref, &am, d);
+    let out_err = rel_err(&y_am, &y_full);
+    let mass_err = m_am
+        .iter()
+        .zip(&m_full)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(out_err < 0.05, "output error {out_err}");
+    assert!(mass_err < 0.02, "largest log-mass error {mass_err}");
+    let (y_am_t, m_am_t) = attend(&q_test, &am, d);
+    let test_err = rel_err(&y_am_t, &y_test);
+    let test_mass = m_am_t
+        .iter()
+        .zip(&m_test)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(test_err < 0.05, "held-out output error {test_err}");
+    assert!(test_mass < 0.05, "held-out log-mass error {test_mass}");
+    // Without β the same 40 keys carry a fraction of the mass: the bias is what matches it.
+    let no_bias = HeadCompaction {
+        bias: vec![0.0; 40],
+        ..am.clone()
+    };
+    let (_, m_nb) = attend(&q_ref, &no_bias, d);
+    let nb_err = m_nb
+        .iter()
+        .zip(&m_full)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f64>()
+        / 200.0;
+    assert!(nb_err > 1.0, "mass error without β only {nb_err}");
+    // Plain eviction of the same keys reproduces the outputs worse than the fit.
+    let kept: Vec<usize> = am.positions.iter().map(|&p| p as usize).collect();
+    let evict = HeadCompaction::keep(&s.keys, &s.values, d, &kept);
+    let (y_ev, _) = attend(&q_ref, &evict, d);
+    assert!(rel_err(&y_ev, &y_full) > out_err);
+}
+
+#[test]
+fn am_with_every_key_kept_is_the_identity() {
+    let (t, d) = (40, 8);
+    let s = synthetic(t, d, 5, 11);
+    let q = queries(60, d, 12);
+    let refs = reference_head_scores(&q, &vec![t as u32; 60], &s.keys, &s.values, d).unwrap();
+    let idx: Vec<usize> = (0..t).collect();
+    let got = fit_head(
+        &refs,
+        &s.keys,
+        &s.values,
+        d,
+        &idx,
+        &vec![false; t],
+        &FitOptions::default(),
+    );
+    let (y, m) = attend(&q, &got, d);
+    let (y0, m0) = attend(&q, &full(&s), d);
+    assert!(rel_err(&y, &y0) < 1e-3, "{}", rel_err(&y, &y0));
+    for (a, b) in m.iter().zip(&m0) {
+        assert!((a - b).abs() < 1e-3);
+    }
+}
+
+#[test]
+fn am_window_keeps_sinks_and_recent_tokens_exact() {
+    let (t, d) = (128, 8);
+    let s = synthetic(t, d, 6, 21);
+    let q = queries(80, d, 22);
+    let refs = reference_head_scores(&q, &vec![t as u32; 80], &s.keys, &s.values, d).unwrap();
+    let inputs = HeadInputs {
+        keys: &s.keys,
+        values: &s.values,
+        d,
+        context: None,
+        rows_per_position: 1,
+        reference: Some(&refs),
+    };
+    let opts = FitOptions::default();
+    let h = compact_head(Method::AmWindow, &inputs, 32, &opts).unwrap();
+    assert_eq!(h.len(), 32);
+    for p in (0..SINK_TOKENS).chain(t - 8..t) {
+        let c = h.positions.iter().position(|&x| x as usize == p).unwrap();
+        assert_eq!(h.bias[c], 0.0);
+        assert_eq!(&h.values[c * d..][..d], &s.values[p * d..][..d]);
+    }
+}
+
+#[test]
+fn baselines_keep_the_budget_and_their_windows() {
+    let (t, d, g) = (100, 8, 2);
+    let s = synthetic(t, d, 4, 31);
+    // Context queries: g rows per position, causal.
+    let q = queries(t * g, d, 32);
+    let lens: Vec<u32> = (0..t * g).map(|r| (r / g + 1) as u32).collect();
+    let ctx = reference_head_scores(&q, &lens, &s.keys, &s.values, d).unwrap();
+    let inputs = HeadInputs {
+        keys: &s.keys,
+        values: &s.values,
+        d,
+        context: Some(&ctx),
+        rows_per_position: g,
+        reference: None,
+    };
+    let opts = FitOptions::default();
+    let st = compact_head(Method::Streaming, &inputs, 20, &opts).unwrap();
+    let want: Vec<u32> = (0..4).chain(84..100).collect();
+    assert_eq!(st.positions, want);
+    let h2o = compact_head(Method::H2o, &inputs, 20, &opts).unwrap();
+    assert_eq!(h2o.len(), 20);
+    assert!((90..100).all(|p| h2o.positions.contains(&p)));
+    let snap = compact_head(Method::SnapKv, &inputs, 40, &opts).unwrap();
+    assert_eq!(snap.len(), 40);
+    assert!((68..100).all(|p| snap.positions.contains(&p)));
+    for h in [&st, &h2o, &snap] {
+        assert!(h.bias.iter().all(|&b| b == 0.0));
+        assert!(h.positions.windows(2).all(|w| w[0] < w[1]));
+    }
+    // Attention Matching without reference queries is refused, not guessed.
+    assert!(compact_head(Method::Am, &inputs, 20, &opts).is_err());
+    assert!(compact_head(Method::AmMix, &inputs, 20, &opts).is_err());
+    // With the context rows appended to reference rows, am-mix fits like am on the union.
+    let q_ref = queries(30, d, 33);
+    let refs = reference_head_scores(&q_ref, &[t as u32; 30], &s.keys, &s.values, d).unwrap();
+    let mixed = refs.concat(&ctx);
+    assert_eq!((mixed.n_q, mixed.e.len()), (30 + t * g, (30 + t * g) * t));
+    assert_eq!(mixed.y[30 * d..], ctx.y[..]);
+    let mix_inputs = HeadInputs {
+        reference: Some(&mixed),
+        ..inputs
+    };
+    let mix = compact_head(Method::AmMix, &mix_inputs, 20, &opts).unwrap();
+    let am = compact_head(Method::Am, &mix_inputs, 20, &opts).unwrap();
+    assert_eq!(mix, am);
+}

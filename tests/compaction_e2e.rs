@@ -1,0 +1,189 @@
+//! Compaction on the real default model, short contexts: a session loaded from a "compaction"
+//! that keeps every token continues exactly like the session that read the context; a compacted
+//! session continues at the original position with its biases in the cache and its bytes
+//! counted; capture shapes. Needs data/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch-model.sh)
+//! or KVPACK_MODEL.
+
+mod common;
+
+use kvpack::codec::KvFormat;
+use kvpack::compact::{
+    compact_context, CompactedContext, ContextShape, FitOptions, HeadCompaction, Method,
+};
+use kvpack::kv::KvRecipe;
+use kvpack::model::llama::{Llama, Logits, Session};
+use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
+
+fn model_path() -> std::path::PathBuf {
+    let p = std::env::var("KVPACK_MODEL")
+        .map(Into::into)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("data/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh (or set KVPACK_MODEL)",
+        p.display()
+    );
+    p
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn compacted_sessions_continue_from_the_context() {
+    let file = GgufFile::open(model_path()).unwrap();
+    let tok = Tokenizer::from_gguf(&file).unwrap();
+    let opts = EncodeOptions {
+        parse_special: false,
+        add_special: true,
+    };
+    let text = "The Fulton County Grand Jury said Friday an investigation of Atlanta's recent \
+                primary election produced no evidence that any irregularities took place. The \
+                jury further said in term-end presentments that the City Executive Committee, \
+                which had over-all charge of the election, deserves the praise and thanks.";
+    let ids = tok.encode_with(text, opts);
+    let (context, next) = ids.split_at(ids.len() - 4);
+    let f32_fmt: KvFormat = "f32".parse().unwrap();
+    for gpu in common::gpus() {
+        let model = Llama::load(&gpu, &file, |_, _| {}).unwrap();
+        let c = model.config.clone();
+        let t = context.len();
+        let mut s = Session::new(&gpu, &model, &KvRecipe::plain(f32_fmt, 4), 2 * t + 8).unwrap();
+        s.start_capture(&gpu, true);
+        pollster::block_on(s.forward(&gpu, context, Logits::Last)).unwrap();
+        let cap = s.take_capture().unwrap();
+        assert_eq!(cap.tokens, t);
+        assert_eq!(cap.q[0].len(), t * c.n_head * c.head_dim);
+        assert_eq!(cap.k[c.n_layer - 1].len(), t * c.n_head_kv * c.head_dim);
+        let want = pollster::block_on(s.forward(&gpu, next, Logits::All)).unwrap();
+
+        // Every token kept, β = 0: the same logits as the session that read the context.
+        let d = c.head_dim;
+        let gather = |x: &[f32], h: usize| -> Vec<f32> {
+            (0..t)
+                .flat_map(|p| &x[(p * c.n_head_kv + h) * d..][..d])
+                .copied()
+                .collect()
+        };
+        let all: Vec<usize> = (0..t).collect();
+        let full = CompactedContext {
+            context_len: t,
+            head_dim: d,
+            layers: (0..c.n_layer)
+                .map(|l| {
+                    (0..c.n_head_kv)
+                        .map(|h| {
+                            let (k, v) = (gather(&cap.k[l], h), gather(&cap.v[l], h));
+                            HeadCompaction::keep(&k, &v, d, &all)
+                        })
+                        .collect()
+                })
+                .collect(),
+        };
+        let mut r =
+            Session::from_compacted(&gpu, &model, &KvRecipe::plain(f32_fmt, 4), &full, 8).unwrap();
+        assert_eq!(r.position(), t);
+        let got = pollster::block_on(r.forward(&gpu, next, Logits::All)).unwrap();
+        let diff = max_abs_diff(&got, &want);
+        assert!(
+            diff < 2e-3,
+            "{}: logits differ by {diff}",
+            gpu.backend_name()
+        );
+
+        // Attention Matching to half the tokens: continues at position t, biases stored.
+        let mut s = Session::new(&gpu, &model, &KvRecipe::plain(f32_fmt, 4), 2 * t + 8).unwrap();
+        pollster::block_on(s.forward(&gpu, context, Logits::Last)).unwrap();
+        s.start_capture(&gpu, false);
+        pollster::block_on(s.forward(&gpu, context, Logits::Last)).unwrap();
+        let reference = s.take_capture().unwrap();
+        let shape = ContextShape {
+            n_layer: c.n_layer,
+            n_head: c.n_head,
+            n_kv_heads: c.n_head_kv,
+            head_dim: d,
+        };
+        let budget = t / 2;
+        let jobs = [(Method::Am, budget), (Method::Streaming, budget)];
+        let (out, timings) = pollster::block_on(compact_context(
+            &gpu,
+            shape,
+            &cap,
+            Some(&reference),
+            &jobs,
+            usize::MAX,
+            &FitOptions::default(),
+        ))
+        .unwrap();
+        assert_eq!(timings.fit_s.len(), 2);
+        let am = &out[0];
+        assert_eq!(am.uniform_len(), Some(budget));
+        assert!(am
+            .layers
+            .iter()
+            .flatten()
+            .any(|h| h.bias.iter().any(|&b| b != 0.0)));
+        let turbo: KvFormat = "turbo4".parse().unwrap();
+        let mut a =
+            Session::from_compacted(&gpu, &model, &KvRecipe::plain(turbo, 4), am, 8).unwrap();
+        assert_eq!(a.position(), t);
+        let bits = turbo.bits_per_value(d) * 2.0 * d as f64;
+        let per_layer = (bits * (budget * c.n_head_kv) as f64 / 8.0).ceil() as u64;
+        let sinks = (c.n_layer * c.n_head_kv * 4 * 2 * d * 4) as u64;
+        let bias = (c.n_layer * c.n_head_kv * budget * 4) as u64;
+        assert_eq!(
+            a.cache().bytes(),
+            per_layer * c.n_layer as u64 + sinks + bias
+        );
+        let logits = pollster::block_on(a.forward(&gpu, next, Logits::All)).unwrap();
+        assert!(logits.iter().all(|x| x.is_finite()));
+        assert_eq!(a.position(), t + next.len());
+        // Saved to a .kvpack file and loaded back, the same greedy continuation; a damaged file
+        // and another model's hash are refused.
+        let sha = kvpack::model::fetch::sha256_file(&model_path()).unwrap();
+        let header = kvpack::compact::file::FileHeader {
+            model_sha256: sha.clone(),
+            kv: "turbo4".into(),
+            method: "am".into(),
+        };
+        let path = std::env::temp_dir().join(format!("kvpack-e2e-{}.kvpack", std::process::id()));
+        kvpack::compact::file::save(&path, &header, am).unwrap();
+        let (h2, loaded) = kvpack::compact::file::load(&path, &sha).unwrap();
+        assert_eq!(h2, header);
+        let greedy = |cc: &CompactedContext| -> Vec<u32> {
+            let mut s =
+                Session::from_compacted(&gpu, &model, &KvRecipe::plain(turbo, 4), cc, 8).unwrap();
+            let mut logits = pollster::block_on(s.forward(&gpu, next, Logits::Last)).unwrap();
+            let mut out = Vec::new();
+            for _ in 0..3 {
+                let id = kvpack::model::sampler::Sampler::greedy().sample(&logits);
+                out.push(id);
+                logits = pollster::block_on(s.forward(&gpu, &[id], Logits::Last)).unwrap();
+            }
+            out
+        };
+        assert_eq!(greedy(&loaded), greedy(am));
+        let other = "0".repeat(64);
+        assert!(kvpack::compact::file::load(&path, &other).is_err());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = kvpack::compact::file::load(&path, &sha)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checksum"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        // Streaming keeps the sinks and the latest tokens, no biases.
+        let st = &out[1];
+        assert_eq!(st.layers[0][0].positions[..4], [0, 1, 2, 3]);
+        assert_eq!(*st.layers[0][0].positions.last().unwrap() as usize, t - 1);
+    }
+}
