@@ -14,21 +14,6 @@ use kvpack::kv::KvRecipe;
 use kvpack::model::llama::{Llama, Logits, Session};
 use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
 
-fn model_path() -> std::path::PathBuf {
-    let p = std::env::var("KVPACK_MODEL")
-        .map(Into::into)
-        .unwrap_or_else(|_| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("data/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-model.sh (or set KVPACK_MODEL)",
-        p.display()
-    );
-    p
-}
-
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
@@ -38,7 +23,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn compacted_sessions_continue_from_the_context() {
-    let file = GgufFile::open(model_path()).unwrap();
+    let file = GgufFile::open(common::model_path()).unwrap();
     let tok = Tokenizer::from_gguf(&file).unwrap();
     let opts = EncodeOptions {
         parse_special: false,
@@ -148,7 +133,7 @@ fn compacted_sessions_continue_from_the_context() {
         assert_eq!(a.position(), t + next.len());
         // Saved to a .kvpack file and loaded back, the same greedy continuation; a damaged file
         // and another model's hash are refused.
-        let sha = kvpack::model::fetch::sha256_file(&model_path()).unwrap();
+        let sha = kvpack::model::fetch::sha256_file(&common::model_path()).unwrap();
         let header = kvpack::compact::file::FileHeader {
             model_sha256: sha.clone(),
             kv: "turbo4".into(),

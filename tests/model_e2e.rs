@@ -11,24 +11,9 @@ use kvpack::model::llama::{Llama, Logits, Session};
 use kvpack::model::sampler::Sampler;
 use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
 
-fn model_path() -> std::path::PathBuf {
-    let p = std::env::var("KVPACK_MODEL")
-        .map(Into::into)
-        .unwrap_or_else(|_| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("data/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-model.sh (or set KVPACK_MODEL)",
-        p.display()
-    );
-    p
-}
-
 #[test]
 fn greedy_tokens_agree_across_backends_and_bytes_match_the_formula() {
-    let file = GgufFile::open(model_path()).unwrap();
+    let file = GgufFile::open(common::model_path()).unwrap();
     let tok = Tokenizer::from_gguf(&file).unwrap();
     let prompt = tok.encode_with(
         "The capital of France is",

@@ -233,12 +233,7 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     if a.continuation < 2 || a.recall < 2 || a.recall > a.context {
         bail!("--continuation and --recall need at least 2 tokens, and --recall at most --context");
     }
-    let text = std::fs::read_to_string(&a.text).with_context(|| {
-        format!(
-            "reading {} (fetch the evaluation texts with scripts/fetch-data.sh)",
-            a.text.display()
-        )
-    })?;
+    let text = super::read_eval_text(&a.text)?;
     let gpu = gpu_args.open()?;
     let loaded = a.model.load(&gpu, a.json)?;
     let model = &loaded.model;

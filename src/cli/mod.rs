@@ -148,3 +148,14 @@ fn info(args: &GpuArgs, json: bool) -> Result<()> {
     }
     gpu.map(|_| ()).context("no usable adapter")
 }
+
+/// An evaluation text, with a hint to fetch the standard ones when it is missing.
+pub fn read_eval_text(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading {} (fetch the evaluation texts with scripts/fetch-data.sh)",
+            path.display()
+        )
+    })
+}

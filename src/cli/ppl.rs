@@ -3,7 +3,7 @@
 
 use super::generate::ModelArgs;
 use super::{plot, GpuArgs};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use kvpack::kv::KvRecipe;
 use kvpack::model::llama::{Logits, Session};
@@ -87,12 +87,7 @@ pub fn run(gpu_args: &GpuArgs, a: PplArgs) -> Result<()> {
     if a.tokens < 2 {
         bail!("--tokens must be at least 2");
     }
-    let text = std::fs::read_to_string(&a.text).with_context(|| {
-        format!(
-            "reading {} (fetch the evaluation texts with scripts/fetch-data.sh)",
-            a.text.display()
-        )
-    })?;
+    let text = super::read_eval_text(&a.text)?;
     let gpu = gpu_args.open()?;
     let loaded = a.model.load(&gpu, a.json)?;
     let ids = loaded.tokenizer.encode_with(

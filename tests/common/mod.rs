@@ -48,3 +48,19 @@ impl Rng {
         self.0.next_f64()
     }
 }
+
+/// The default model (`KVPACK_MODEL` overrides); missing, it fails and says how to fetch it.
+pub fn model_path() -> std::path::PathBuf {
+    let p = std::env::var("KVPACK_MODEL")
+        .map(Into::into)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("data/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh (or set KVPACK_MODEL)",
+        p.display()
+    );
+    p
+}
