@@ -129,13 +129,7 @@ fn median_ms(
 }
 
 fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
-    (0..n.div_ceil(2))
-        .flat_map(|_| {
-            let (a, b) = rng.next_gaussian_pair();
-            [a as f32, b as f32]
-        })
-        .take(n)
-        .collect()
+    rng.gaussians_f32(n)
 }
 
 fn copy_gbps(gpu: &Gpu, reps: usize) -> Result<f64> {

@@ -47,6 +47,18 @@ impl SplitMix64 {
         let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
         (r * c, r * s)
     }
+
+    /// `n` independent N(0, 1) numbers as f32, from consecutive [`Self::next_gaussian_pair`]s
+    /// (the second of the last pair dropped when `n` is odd).
+    pub fn gaussians_f32(&mut self, n: usize) -> Vec<f32> {
+        (0..n.div_ceil(2))
+            .flat_map(|_| {
+                let (a, b) = self.next_gaussian_pair();
+                [a as f32, b as f32]
+            })
+            .take(n)
+            .collect()
+    }
 }
 
 /// The diagonal of D: `d` entries of ±1.0; entry j is −1.0 when bit 0 of the j-th SplitMix64 output of

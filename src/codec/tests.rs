@@ -6,14 +6,7 @@ use super::pack::{get_half, unpack_index};
 use super::*;
 
 fn gaussian(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n + 1);
-    while v.len() < n {
-        let (a, b) = rng.next_gaussian_pair();
-        v.push(a as f32);
-        v.push(b as f32);
-    }
-    v.truncate(n);
-    v
+    rng.gaussians_f32(n)
 }
 
 /// n vectors of dimension d, each Gaussian times a random norm-ish factor in [0.1, 10).

@@ -2,13 +2,7 @@ use super::*;
 use crate::codec::SplitMix64;
 
 fn gauss(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
-    (0..n.div_ceil(2))
-        .flat_map(|_| {
-            let (a, b) = rng.next_gaussian_pair();
-            [a as f32, b as f32]
-        })
-        .take(n)
-        .collect()
+    rng.gaussians_f32(n)
 }
 
 /// A head with known structure: T keys drawn around `clusters` centres (small spread), values

@@ -36,13 +36,7 @@ impl Rng {
         Rng(kvpack::codec::SplitMix64::new(seed))
     }
     pub fn gauss(&mut self, n: usize) -> Vec<f32> {
-        (0..n.div_ceil(2))
-            .flat_map(|_| {
-                let (a, b) = self.0.next_gaussian_pair();
-                [a as f32, b as f32]
-            })
-            .take(n)
-            .collect()
+        self.0.gaussians_f32(n)
     }
     pub fn uniform(&mut self) -> f64 {
         self.0.next_f64()
