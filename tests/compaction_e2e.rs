@@ -36,6 +36,9 @@ fn compacted_sessions_continue_from_the_context() {
     let ids = tok.encode_with(text, opts);
     let (context, next) = ids.split_at(ids.len() - 4);
     let f32_fmt: KvFormat = "f32".parse().unwrap();
+    let sha = kvpack::model::fetch::sha256_file(&common::model_path()).unwrap();
+    let shared = std::env::temp_dir().join(format!("kvpack-e2e-{}.kvpack", std::process::id()));
+    let mut shared_tokens: Vec<(String, Vec<u32>)> = Vec::new();
     for gpu in common::gpus() {
         let model = Llama::load(&gpu, &file, |_, _| {}).unwrap();
         let c = model.config.clone();
@@ -120,8 +123,8 @@ fn compacted_sessions_continue_from_the_context() {
             Session::from_compacted(&gpu, &model, &KvRecipe::plain(turbo, 4), am, 8).unwrap();
         assert_eq!(a.position(), t);
         let bits = turbo.bits_per_value(d) * 2.0 * d as f64;
-        let per_layer = (bits * (budget * c.n_head_kv) as f64 / 8.0).ceil() as u64;
-        // 4 sink tokens' keys and values, kept in f16 besides their codes.
+        let per_layer = (bits * ((budget - 4) * c.n_head_kv) as f64 / 8.0).ceil() as u64;
+        // 4 sink tokens' keys and values, kept in f16 (and not also as codes).
         let sinks = (c.n_layer * c.n_head_kv * 4 * 2 * d * 2) as u64;
         let bias = (c.n_layer * c.n_head_kv * budget * 4) as u64;
         assert_eq!(
@@ -131,18 +134,27 @@ fn compacted_sessions_continue_from_the_context() {
         let logits = pollster::block_on(a.forward(&gpu, next, Logits::All)).unwrap();
         assert!(logits.iter().all(|x| x.is_finite()));
         assert_eq!(a.position(), t + next.len());
-        // Saved to a .kvpack file and loaded back, the same greedy continuation; a damaged file
-        // and another model's hash are refused.
-        let sha = kvpack::model::fetch::sha256_file(&common::model_path()).unwrap();
+        // Saved to a .kvpack file and loaded back, the same greedy continuation; the first
+        // backend's file gives the same tokens on every backend; a damaged file and another
+        // model's hash are refused.
         let header = kvpack::compact::file::FileHeader {
             model_sha256: sha.clone(),
             kv: "turbo4".into(),
             method: "am".into(),
         };
-        let path = std::env::temp_dir().join(format!("kvpack-e2e-{}.kvpack", std::process::id()));
-        kvpack::compact::file::save(&path, &header, am).unwrap();
-        let (h2, loaded) = kvpack::compact::file::load(&path, &sha).unwrap();
+        let own = std::env::temp_dir().join(format!(
+            "kvpack-e2e-{}-{}.kvpack",
+            std::process::id(),
+            gpu.backend_name()
+        ));
+        kvpack::compact::file::save(&own, &header, am).unwrap();
+        if !shared.exists() {
+            kvpack::compact::file::save(&shared, &header, am).unwrap();
+        }
+        let (h2, loaded) = kvpack::compact::file::load(&own, &sha).unwrap();
         assert_eq!(h2, header);
+        std::fs::remove_file(&own).unwrap();
+        let (_, first_backends) = kvpack::compact::file::load(&shared, &sha).unwrap();
         let greedy = |cc: &CompactedContext| -> Vec<u32> {
             let mut s =
                 Session::from_compacted(&gpu, &model, &KvRecipe::plain(turbo, 4), cc, 8).unwrap();
@@ -156,20 +168,28 @@ fn compacted_sessions_continue_from_the_context() {
             out
         };
         assert_eq!(greedy(&loaded), greedy(am));
-        let other = "0".repeat(64);
-        assert!(kvpack::compact::file::load(&path, &other).is_err());
-        let mut bytes = std::fs::read(&path).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 1;
-        std::fs::write(&path, &bytes).unwrap();
-        let err = kvpack::compact::file::load(&path, &sha)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("checksum"), "{err}");
-        std::fs::remove_file(&path).unwrap();
+        shared_tokens.push((gpu.backend_name().to_string(), greedy(&first_backends)));
         // Streaming keeps the sinks and the latest tokens, no biases.
         let st = &out[1];
         assert_eq!(st.layers[0][0].positions[..4], [0, 1, 2, 3]);
         assert_eq!(*st.layers[0][0].positions.last().unwrap() as usize, t - 1);
     }
+    for (name, tokens) in &shared_tokens[1..] {
+        assert_eq!(
+            tokens, &shared_tokens[0].1,
+            "the same .kvpack file continues differently on {name} and {}",
+            shared_tokens[0].0
+        );
+    }
+    let other = "0".repeat(64);
+    assert!(kvpack::compact::file::load(&shared, &other).is_err());
+    let mut bytes = std::fs::read(&shared).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&shared, &bytes).unwrap();
+    let err = kvpack::compact::file::load(&shared, &sha)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("checksum"), "{err}");
+    std::fs::remove_file(&shared).unwrap();
 }

@@ -40,6 +40,7 @@ fn assert_rows_close(ctx: &str, got: &[f32], want: &[f32], d: usize) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_case(
     gpu: &kvpack::gpu::Gpu,
     kf: &str,
@@ -48,17 +49,21 @@ fn run_case(
     n_q: usize,
     with_bias: bool,
     flip_codebook_selects: bool,
+    group: usize,
+    share_kv_heads: bool,
 ) {
     let shape = AttentionShape {
-        n_heads: 4,
+        n_heads: 2 * group,
         n_kv_heads: 2,
         head_dim: 64,
     };
     let d = shape.head_dim;
     let mut scratch = AttentionScratch::new(gpu, shape, n_q, *lens.iter().max().unwrap());
     scratch.codebook_selects ^= flip_codebook_selects;
+    scratch.share_kv_heads = share_kv_heads;
     let ctx = format!(
-        "{} K={kf} V={vf} lens={lens:?} n_q={n_q} bias={with_bias} codebook_selects={}",
+        "{} K={kf} V={vf} lens={lens:?} n_q={n_q} bias={with_bias} codebook_selects={} \
+         group={group} share_kv_heads={share_kv_heads}",
         gpu.backend_name(),
         scratch.codebook_selects
     );
@@ -137,10 +142,13 @@ fn run_case(
 fn compressed_domain_attention_equals_attention_over_decoded_cache() {
     for gpu in gpus() {
         for (kf, vf) in PAIRS {
-            run_case(&gpu, kf, vf, &[1, 37], 1, false, false);
-            run_case(&gpu, kf, vf, &[130, 77], 3, true, false);
+            run_case(&gpu, kf, vf, &[1, 37], 1, false, false, 2, true);
+            run_case(&gpu, kf, vf, &[130, 77], 3, true, false, 2, true);
             // The other codebook lookup (indexed loads on CPU adapters, selects on GPUs).
-            run_case(&gpu, kf, vf, &[130, 77], 3, true, true);
+            run_case(&gpu, kf, vf, &[130, 77], 3, true, true, 2, true);
+            // The default model's group of 3 query heads per KV head, shared and one by one.
+            run_case(&gpu, kf, vf, &[130, 77], 2, false, false, 3, true);
+            run_case(&gpu, kf, vf, &[130, 77], 2, false, false, 3, false);
         }
         // Split-K across workgroups (more than 512 tokens), ragged heads, bias, causal chunk.
         for (kf, vf) in [
@@ -148,7 +156,7 @@ fn compressed_domain_attention_equals_attention_over_decoded_cache() {
             ("f16", "q4_0"),
             ("turbo3p", "turbo2.5"),
         ] {
-            run_case(&gpu, kf, vf, &[1100, 513], 2, true, false);
+            run_case(&gpu, kf, vf, &[1100, 513], 2, true, false, 3, true);
         }
     }
 }
@@ -272,6 +280,67 @@ fn cache_with_sinks_window_and_centered_keys_matches_reference() {
                             (k, v)
                         }
                     };
+                    // The pages hold what the cache was given, once each token past the sinks
+                    // has entered them: quantized on write or, with a window, from the window's
+                    // f16 copy as it left (keys as stored there, values in the rotated domain).
+                    let paged = sinks + cache.paged_len();
+                    assert_eq!(
+                        paged,
+                        (first + n).saturating_sub(recent).max(sinks),
+                        "{ctx}: tokens in the pages"
+                    );
+                    let round = |x: Vec<f32>| -> Vec<f32> {
+                        x.iter().map(|&y| half::f16::from_f32(y).to_f32()).collect()
+                    };
+                    let (mut words, mut mismatched) = (0usize, 0usize);
+                    for (codec, page, xs, centered) in [
+                        (main.k_codec.codec(), main.k_page, &keys, true),
+                        (main.v_codec.codec(), main.v_page, &values, false),
+                    ] {
+                        let stored = Encoded {
+                            n: kvh * cap,
+                            d,
+                            words: gpu.read_blocking(page).unwrap(),
+                        };
+                        let cw = codec.code_words();
+                        for h in 0..kvh {
+                            for t in sinks..paged {
+                                let mut x = xs[(t * kvh + h) * d..][..d].to_vec();
+                                if centered {
+                                    for (x, m) in x.iter_mut().zip(&mean[h * d..(h + 1) * d]) {
+                                        *x -= m;
+                                    }
+                                }
+                                if recent > 0 {
+                                    x = if centered {
+                                        round(x)
+                                    } else {
+                                        codec.unrotate_output(&round(codec.to_rotated(&x)))
+                                    };
+                                }
+                                let want = codec.encode(&x).unwrap();
+                                let slot = h * cap + t;
+                                words += cw;
+                                mismatched += (0..cw)
+                                    .filter(|&w| stored.words[slot * cw + w] != want.words[w])
+                                    .count();
+                                for k in 0..codec.scale_halves() {
+                                    let (g, c) = (
+                                        codec.scale_of(&stored, slot, k),
+                                        codec.scale_of(&want, 0, k),
+                                    );
+                                    assert!(
+                                        (g - c).abs() <= 1e-3 * c.abs() + 1e-7,
+                                        "{ctx}: position {t} head {h} scale {k}: {g} vs {c}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    assert!(
+                        mismatched * 1000 <= words,
+                        "{ctx}: {mismatched} of {words} page code words differ from the CPU encode"
+                    );
                     let sink_r = regions
                         .iter()
                         .find(|r| r.ring == 0 && r.skip == 0 && sinks > 0);
@@ -287,8 +356,14 @@ fn cache_with_sinks_window_and_centered_keys_matches_reference() {
                                     let at = (h * sinks + t) * d;
                                     (sk[at..at + d].to_vec(), sv[at..at + d].to_vec())
                                 } else if recent > 0 && t + recent >= pos {
+                                    // The window keeps keys as the pages do: centered or not.
                                     let at = (h * ring + t % ring) * d;
-                                    (wk[at..at + d].to_vec(), wv[at..at + d].to_vec())
+                                    let k: Vec<f32> = wk[at..at + d]
+                                        .iter()
+                                        .zip(&mean[h * d..(h + 1) * d])
+                                        .map(|(x, m)| x + m)
+                                        .collect();
+                                    (k, wv[at..at + d].to_vec())
                                 } else {
                                     let at = (h * cap + t) * d;
                                     let k: Vec<f32> = kd[at..at + d]
@@ -362,14 +437,18 @@ fn preset_cache_bytes_equal_formula() {
                 }
                 b.submit();
                 len += n;
+                // Each token once: sinks and the window's `recent` newest in f16, the rest in
+                // the pages (a token enters them as it leaves the window).
                 let exact_tokens = len.min(r.sinks) + r.recent.min(len.saturating_sub(r.sinks));
+                let paged_tokens = len - exact_tokens;
+                assert_eq!(cache.paged_len(), paged_tokens, "{name} after {len} tokens");
                 let means = if r.center_keys && len > r.sinks {
                     kvh * d * 4
                 } else {
                     0
                 };
-                let want =
-                    n_layer * (kvh * len * per_token + kvh * exact_tokens * 2 * d * 2 + means);
+                let want = n_layer
+                    * (kvh * paged_tokens * per_token + kvh * exact_tokens * 2 * d * 2 + means);
                 assert_eq!(cache.bytes(), want as u64, "{name} after {len} tokens");
                 let values = 2 * n_layer * kvh * len * d;
                 assert_eq!(cache.bits_per_value(), 8.0 * want as f64 / values as f64);

@@ -179,7 +179,7 @@ fn encode_appends_into_a_page_without_touching_neighbours() {
                 &gpu,
                 &mut b,
                 &kvpack::codec::gpu::EncodeArgs {
-                    xs: &input,
+                    xs: kvpack::codec::gpu::Input::F32(&input),
                     src_offset: first * d,
                     src_stride: d,
                     n,
@@ -201,6 +201,99 @@ fn encode_appends_into_a_page_without_touching_neighbours() {
                 "{}: element {i}: {a} vs {b}",
                 gpu.backend_name()
             );
+        }
+    }
+}
+
+/// f16 words of `xs` (two coordinates a word, coordinate 2i low), and `xs` rounded to f16.
+fn f16_words(xs: &[f32]) -> (Vec<u32>, Vec<f32>) {
+    let h: Vec<half::f16> = xs.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let words = h
+        .chunks(2)
+        .map(|p| p[0].to_bits() as u32 | (p[1].to_bits() as u32) << 16)
+        .collect();
+    (words, h.iter().map(|x| x.to_f32()).collect())
+}
+
+/// The encoder reads f16 input too: plain coordinates, or the codec's rotated domain (the KV
+/// cache's window of recent tokens, quantized as tokens leave it). Its codes are the CPU
+/// encode's of the same f16 vectors (rotated ones rotated back).
+#[test]
+fn gpu_encode_from_f16_and_rotated_f16_input_matches_cpu_reference() {
+    use kvpack::codec::gpu::{EncodeArgs, Input};
+    for gpu in gpus() {
+        let backend = gpu.backend_name().to_string();
+        for name in FORMATS {
+            let format: VecFormat = name.parse().unwrap();
+            let (d, n) = (64, 301);
+            let codec = Codec::with_seed(format, d, 7).unwrap();
+            let gc = GpuCodec::new(&gpu, codec.clone());
+            let mut rng = Rng::new(91);
+            let mut xs = inputs(&mut rng, n, d);
+            // Norms within f16 range after rotation.
+            xs.iter_mut().for_each(|x| *x = x.clamp(-6e4, 6e4));
+            let status = gpu.upload("status", &[0u32, u32::MAX]);
+            for rotated in [false, true] {
+                let ctx = format!("{backend} {name} rotated input {rotated}");
+                let (words, want_input) = if rotated {
+                    let rot: Vec<f32> = xs.chunks(d).flat_map(|x| codec.to_rotated(x)).collect();
+                    let (w, r) = f16_words(&rot);
+                    let back: Vec<f32> =
+                        r.chunks(d).flat_map(|y| codec.unrotate_output(y)).collect();
+                    (w, back)
+                } else {
+                    f16_words(&xs)
+                };
+                let cpu = codec
+                    .encode(&want_input)
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                let input = gpu.upload("f16 input", &words);
+                let page = gpu.zeros::<u32>("page", cpu.words.len());
+                let mut b = gpu.batch("encode");
+                gc.encode_into(
+                    &gpu,
+                    &mut b,
+                    &EncodeArgs {
+                        xs: if rotated {
+                            Input::RotatedF16(&input)
+                        } else {
+                            Input::F16(&input)
+                        },
+                        src_offset: 0,
+                        src_stride: d,
+                        n,
+                        page: &page,
+                        capacity: n,
+                        dst_first: 0,
+                        status: &status,
+                    },
+                )
+                .unwrap();
+                b.submit();
+                let got = Encoded {
+                    n,
+                    d,
+                    words: gpu.read_blocking(&page).unwrap(),
+                };
+                assert_eq!(gpu.read_blocking(&status).unwrap()[0], 0, "{ctx}: refused");
+                let code_words = n * format.code_words(d);
+                let mismatched = (0..code_words)
+                    .filter(|&w| cpu.words[w] != got.words[w])
+                    .count();
+                assert!(
+                    mismatched * 10_000 <= code_words,
+                    "{ctx}: {mismatched} of {code_words} code words differ"
+                );
+                for i in 0..n {
+                    for k in 0..format.scale_halves(d) {
+                        let (a, g) = (codec.scale_of(&cpu, i, k), codec.scale_of(&got, i, k));
+                        assert!(
+                            (a - g).abs() <= a.abs() * 1.0e-3 + 1e-7,
+                            "{ctx}: vector {i} scale {k}: cpu {a} gpu {g}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

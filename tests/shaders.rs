@@ -104,11 +104,14 @@ fn variants(name: &str) -> Vec<Vec<(&'static str, f64)>> {
                         ("HAS_BIAS", 1.0),
                         ("WG", 128.0),
                     ]);
-                    // Codebook lookups by indexed loads and by selects (CPU adapters).
+                    // Codebook lookups by indexed loads and by selects (CPU adapters); one
+                    // query head per workgroup, and the default model's 3 sharing a KV head.
                     for sel in [0.0, 1.0] {
-                        let mut k = k.clone();
-                        k.push(("CB_SELECT", sel));
-                        out.push(k);
+                        for gq in [1.0, 3.0] {
+                            let mut k = k.clone();
+                            k.extend([("CB_SELECT", sel), ("GQ", gq)]);
+                            out.push(k);
+                        }
                     }
                     c.extend([
                         ("K_KIND", 1.0),
@@ -118,6 +121,13 @@ fn variants(name: &str) -> Vec<Vec<(&'static str, f64)>> {
                     ]);
                 }
                 "gpu/copy" => c.clear(),
+                "codec/encode" => {
+                    // Input as f32, as f16, and as f16 in the codec's rotated domain.
+                    c.push(("WG", d));
+                    for src in [1.0, 2.0] {
+                        out.push([c.clone(), vec![("SRC", src)]].concat());
+                    }
+                }
                 _ => c.push(("WG", d)),
             }
             out.push(c);

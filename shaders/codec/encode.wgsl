@@ -4,6 +4,11 @@
 //
 // One workgroup per *pair* of page slots (2p, 2p+1): scale halves of two neighbouring vectors can
 // share a u32, so one invocation writes each scale word, merging with halves outside the range.
+//
+// The input is f32 (SRC 0), or f16 words (two coordinates a word, coordinate 2i low): plain
+// coordinates (SRC 1), or this codec's rotated domain H·D·x per part as kinds 7/8 write it
+// (SRC 2; the encode then skips the permutation and the rotation). The KV cache quantizes its
+// window of recent tokens from there when tokens leave it.
 
 #include "common/format.wgsl"
 
@@ -11,21 +16,24 @@ struct Params {
     n: u32,            // vectors to encode
     dst_first: u32,    // page index of the first
     scale_base: u32,   // word offset of the page's scales region
-    src_offset: u32,   // float offset of the first input vector
-    src_stride: u32,   // floats between input vectors
+    src_offset: u32,   // coordinate offset of the first input vector
+    src_stride: u32,   // coordinates between input vectors
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> xs: array<f32>;
+// f32 bits (SRC 0) or f16 pairs (SRC 1, 2)
+@group(0) @binding(1) var<storage, read> xs: array<u32>;
 @group(0) @binding(2) var<storage, read_write> fmt_page: array<u32>;
 @group(0) @binding(3) var<storage, read> fmt_aux: array<u32>;
 // [count of non-finite or out-of-range vectors, smallest such input index]
 @group(0) @binding(4) var<storage, read_write> status: array<atomic<u32>, 2>;
 
 override WG: u32 = 64u;
+// 0 f32, 1 f16, 2 f16 in the rotated domain (see the top)
+override SRC: u32 = 0u;
 
 var<workgroup> codes: array<u32, 256>;
 var<workgroup> pk: array<atomic<u32>, 64>;
@@ -33,6 +41,13 @@ var<workgroup> sc: array<f32, 16>;
 var<workgroup> blk: array<f32, 8>;
 
 const F16_MAX: f32 = 65504.0;
+
+fn load_input(e: u32) -> f32 {
+    if (SRC == 0u) {
+        return bitcast<f32>(xs[e]);
+    }
+    return half_from_word(xs[e / 2u], e);
+}
 
 fn non_finite(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u;
@@ -76,10 +91,10 @@ fn encode_one(v: u32, i: u32, slot: u32, lid: u32) -> bool {
     var bad_local = 0.0;
     for (var j = lid; j < D; j += WG) {
         var ch = j;
-        if (FMT_KIND == 6u || (FMT_KIND >= 7u && fmt_aux[0] == 6u)) {
+        if (SRC != 2u && (FMT_KIND == 6u || (FMT_KIND >= 7u && fmt_aux[0] == 6u))) {
             ch = fmt_aux[fmt_aux[AUX_PERM] + j];
         }
-        let x = xs[src + ch];
+        let x = load_input(src + ch);
         if (non_finite(x) || (FMT_KIND == 1u && abs(x) > F16_MAX)) {
             bad_local = 1.0;
         }
@@ -94,7 +109,7 @@ fn encode_one(v: u32, i: u32, slot: u32, lid: u32) -> bool {
     } else if (FMT_KIND == 7u || FMT_KIND == 8u) {
         // y = H·D·x per part (no normalization, no quantization): the TurboQuant codec's domain.
         let aux_kind = fmt_aux[0];
-        if (aux_kind >= 4u) {
+        if (aux_kind >= 4u && SRC != 2u) {
             var n = D;
             if (aux_kind == 6u) {
                 n = D / 2u;
@@ -206,13 +221,25 @@ fn encode_one(v: u32, i: u32, slot: u32, lid: u32) -> bool {
         let off_sa = fmt_aux[AUX_SIGNS_A];
         let off_sb = fmt_aux[AUX_SIGNS_B];
         for (var j = lid; j < D; j += WG) {
+            // Rotated input: each part's norm is the same, the rotation is already done.
+            var sign_a = 1.0;
+            var sign_b = 1.0;
+            if (SRC != 2u) {
+                if (j < n) {
+                    sign_a = fmt_aux_f32(off_sa + j);
+                } else {
+                    sign_b = fmt_aux_f32(off_sb + j - n);
+                }
+            }
             if (j < n) {
-                tw[j] = select(tw[j] / norm_a, 0.0, norm_a == 0.0) * fmt_aux_f32(off_sa + j);
+                tw[j] = select(tw[j] / norm_a, 0.0, norm_a == 0.0) * sign_a;
             } else {
-                tw[j] = select(tw[j] / norm_b, 0.0, norm_b == 0.0) * fmt_aux_f32(off_sb + j - n);
+                tw[j] = select(tw[j] / norm_b, 0.0, norm_b == 0.0) * sign_b;
             }
         }
-        wht_blocks(lid, WG, n, D);
+        if (SRC != 2u) {
+            wht_blocks(lid, WG, n, D);
+        }
         // Quantize each coordinate; tq keeps c[idx] for the scale and residual.
         let cb_a = fmt_aux[AUX_CB_A];
         let cb_b = fmt_aux[AUX_CB_B];

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use kvpack::attention::{
     decode_attention_into, AttentionScratch, AttentionShape, KvPages, Recent, ValueStore,
 };
-use kvpack::codec::gpu::{page_words, EncodeArgs, GpuCodec};
+use kvpack::codec::gpu::{page_words, EncodeArgs, GpuCodec, Input};
 use kvpack::codec::rng::SplitMix64;
 use kvpack::codec::{Codec, KvFormat};
 use kvpack::gpu::{grid, Batch, Binding, Gpu};
@@ -34,6 +34,10 @@ pub enum BenchCommand {
         /// Timed repetitions per figure (the median is reported).
         #[arg(long, default_value_t = 7)]
         reps: usize,
+        /// One attention workgroup per query head, each reading and decoding its KV head's keys
+        /// and values itself (the kernel without GQA sharing), for comparison.
+        #[arg(long)]
+        per_query_head: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -83,8 +87,9 @@ pub fn run(gpu_args: &GpuArgs, cmd: BenchCommand) -> Result<()> {
             contexts,
             formats,
             reps,
+            per_query_head,
             json,
-        } => kernels(gpu_args, &contexts, &formats, reps, json),
+        } => kernels(gpu_args, &contexts, &formats, reps, per_query_head, json),
     }
 }
 
@@ -153,6 +158,7 @@ fn kernels(
     contexts: &[usize],
     formats: &[String],
     reps: usize,
+    per_query_head: bool,
     json: bool,
 ) -> Result<()> {
     if reps == 0 {
@@ -186,7 +192,7 @@ fn kernels(
                 &gpu,
                 b,
                 &EncodeArgs {
-                    xs: &xs,
+                    xs: Input::F32(&xs),
                     src_offset: 0,
                     src_stride: d,
                     n: n_enc,
@@ -223,7 +229,8 @@ fn kernels(
             .flat_map(|h| [(h * ctx) as u32, ctx as u32])
             .collect();
         let heads = gpu.upload("heads", &heads);
-        let scratch = AttentionScratch::new(&gpu, shape, 1, ctx);
+        let mut scratch = AttentionScratch::new(&gpu, shape, 1, ctx);
+        scratch.share_kv_heads = !per_query_head;
         let n = shape.n_kv_heads * ctx;
         for f in &formats {
             let kc = GpuCodec::new(&gpu, Codec::with_seed(f.k, d, 21)?);
@@ -236,7 +243,7 @@ fn kernels(
                     &gpu,
                     &mut b,
                     &EncodeArgs {
-                        xs: &kv_in,
+                        xs: Input::F32(&kv_in),
                         src_offset: 0,
                         src_stride: d,
                         n,

@@ -76,13 +76,48 @@ pub struct GpuCodec {
     aux: GpuVec<u32>,
 }
 
+/// The input vectors of an encode.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    /// f32 coordinates.
+    F32(&'a GpuVec<f32>),
+    /// f16 coordinates, two a word (coordinate 2i in the low half), as the f16 format stores them.
+    F16(&'a GpuVec<u32>),
+    /// f16 coordinates in this codec's rotated domain (H·D·x per part), as
+    /// [`GpuCodec::encode_rotated_f16_into`] writes them: the encode skips the rotation.
+    RotatedF16(&'a GpuVec<u32>),
+}
+
+impl Input<'_> {
+    fn buffer(&self) -> &wgpu::Buffer {
+        match self {
+            Input::F32(x) => x.buffer(),
+            Input::F16(x) | Input::RotatedF16(x) => x.buffer(),
+        }
+    }
+
+    fn kind(&self) -> f64 {
+        match self {
+            Input::F32(_) => 0.0,
+            Input::F16(_) => 1.0,
+            Input::RotatedF16(_) => 2.0,
+        }
+    }
+}
+
+impl<'a> From<&'a GpuVec<f32>> for Input<'a> {
+    fn from(x: &'a GpuVec<f32>) -> Self {
+        Input::F32(x)
+    }
+}
+
 /// Where an encode writes and where it reads from.
 pub struct EncodeArgs<'a> {
-    /// Input vectors (f32).
-    pub xs: &'a GpuVec<f32>,
-    /// Float offset of the first input vector.
+    /// Input vectors.
+    pub xs: Input<'a>,
+    /// Coordinate offset of the first input vector.
     pub src_offset: usize,
-    /// Floats between consecutive input vectors (`d` when packed).
+    /// Coordinates between consecutive input vectors (`d` when packed).
     pub src_stride: usize,
     /// Number of vectors.
     pub n: usize,
@@ -189,10 +224,12 @@ impl GpuCodec {
         if a.n == 0 {
             return Ok(());
         }
+        let mut constants = constants.to_vec();
+        constants.push(("SRC", a.xs.kind()));
         let kernel = gpu.pipeline(
             "codec/encode",
             "main",
-            constants,
+            &constants,
             &[
                 Binding::Uniform,
                 Binding::READ,
@@ -299,7 +336,7 @@ impl GpuCodec {
             gpu,
             &mut batch,
             &EncodeArgs {
-                xs: &input,
+                xs: Input::F32(&input),
                 src_offset: 0,
                 src_stride: d,
                 n,

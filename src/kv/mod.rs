@@ -7,17 +7,19 @@
 //!
 //! Beside the compressed pages a cache may keep in f16 (values in the value codec's rotated
 //! domain): the first `sinks` tokens (attention sinks), and a window of the `recent` tokens
-//! before each query, a ring of `recent + MAX_APPEND` slots per head. Every token is also
-//! quantized on write into the compressed pages; attention reads each token from exactly one
-//! place, chosen per query by position, so chunked prefill sees what token-by-token decoding sees.
-//! Keys may be stored centered (`k − μ`, see `shaders/kv/center.wgsl`).
+//! before each query, a ring of `recent + MAX_APPEND` slots per head. Each token is stored once:
+//! a sink only in the sink pages; past the sinks, without a window, quantized on write into the
+//! compressed pages; with a window, in the window's ring, and quantized from there (f16) into the
+//! pages as it leaves the window. Attention reads each token from exactly one place, chosen per
+//! query by position, so chunked prefill sees what token-by-token decoding sees. Keys may be
+//! stored centered (`k − μ`, see `shaders/kv/center.wgsl`), in the pages and in the window.
 
 mod recipe;
 
 pub use recipe::KvRecipe;
 
 use crate::attention::{KvPages, Recent, ValueStore, SPLIT_TOKENS};
-use crate::codec::gpu::{page_words, EncodeArgs, GpuCodec};
+use crate::codec::gpu::{page_words, EncodeArgs, GpuCodec, Input};
 use crate::codec::{Codec, CodecError, KvFormat, VecFormat};
 use crate::gpu::{grid, Batch, Binding, Gpu, GpuError, GpuVec};
 
@@ -114,6 +116,21 @@ struct LayerBias {
     sinks: GpuVec<f32>,
 }
 
+/// The runs of a ring of `ring` slots that positions `range` occupy (position p at slot
+/// p mod ring): `(tokens before the run, tokens in it, first slot)`, at most two.
+fn ring_runs(
+    range: std::ops::Range<usize>,
+    ring: usize,
+) -> impl Iterator<Item = (usize, usize, usize)> {
+    let n = range.len();
+    debug_assert!(n <= ring, "{n} positions in a ring of {ring}");
+    let at = range.start % ring;
+    let run = n.min(ring - at);
+    [(0, run, at), (run, n - run, 0)]
+        .into_iter()
+        .filter(|&(_, count, _)| count > 0)
+}
+
 /// A compressed KV cache on the GPU.
 pub struct KvCache {
     config: KvConfig,
@@ -124,6 +141,10 @@ pub struct KvCache {
     win_heads: GpuVec<u32>,
     centered: GpuVec<f32>,
     len: usize,
+    /// Positions `[sinks, paged)` are in the compressed pages (`paged ≥ sinks` once past them).
+    paged: usize,
+    /// Positions that the current append quantizes from the window's ring into the pages.
+    leaving: std::ops::Range<usize>,
     /// First position of the append that estimates the key means (once it has begun).
     mean_append: Option<usize>,
     bias: Option<Vec<LayerBias>>,
@@ -204,6 +225,8 @@ impl KvCache {
             win_heads,
             centered,
             len: 0,
+            paged: 0,
+            leaving: 0..0,
             mean_append: None,
             bias: None,
             bias_tokens: 0,
@@ -252,6 +275,11 @@ impl KvCache {
         self.config.recent + MAX_APPEND
     }
 
+    /// Tokens stored in the compressed pages per head (positions `[sinks, paged)`).
+    pub fn paged_len(&self) -> usize {
+        self.paged.saturating_sub(self.config.sinks)
+    }
+
     /// Make room for `n` more tokens: the heads table already counts them (attention recorded
     /// after this sees them), and [`KvCache::append_into`] writes them at positions `len..len + n`.
     pub fn begin_tokens(&mut self, gpu: &Gpu, n: usize) -> Result<usize, KvError> {
@@ -272,6 +300,20 @@ impl KvCache {
             self.mean_append = Some(first);
         }
         self.len += n;
+        // Tokens past the sinks enter the pages: on write without a window; with one, when the
+        // next query no longer reads them from it (older than its `recent` tokens before it).
+        let from = self.paged.max(self.config.sinks.min(self.len));
+        let to = if self.config.recent > 0 {
+            self.len.saturating_sub(self.config.recent).max(from)
+        } else {
+            self.len.max(from)
+        };
+        self.leaving = if self.config.recent > 0 {
+            from..to
+        } else {
+            0..0
+        };
+        self.paged = to;
         self.write_heads(gpu, self.len);
         Ok(first)
     }
@@ -305,30 +347,35 @@ impl KvCache {
             k
         };
         for h in 0..c.n_kv_heads {
-            for (codec, xs, page) in [(&lc.k, k_main, &lc.k_page), (&lc.v, v, &lc.v_page)] {
-                codec.encode_into(
-                    gpu,
-                    batch,
-                    &EncodeArgs {
-                        xs,
-                        src_offset: h * c.head_dim,
-                        src_stride: c.n_kv_heads * c.head_dim,
-                        n,
-                        page,
-                        capacity: slots,
-                        dst_first: h * c.capacity + first,
-                        status,
-                    },
-                )?;
+            // Without a window: the tokens past the sinks go to the pages now.
+            let direct = c.sinks.max(first)..first + n;
+            if c.recent == 0 && !direct.is_empty() {
+                let skip = direct.start - first;
+                for (codec, xs, page) in [(&lc.k, k_main, &lc.k_page), (&lc.v, v, &lc.v_page)] {
+                    codec.encode_into(
+                        gpu,
+                        batch,
+                        &EncodeArgs {
+                            xs: Input::F32(xs),
+                            src_offset: h * c.head_dim + skip * width,
+                            src_stride: width,
+                            n: direct.len(),
+                            page,
+                            capacity: slots,
+                            dst_first: h * c.capacity + direct.start,
+                            status,
+                        },
+                    )?;
+                }
             }
             // Tokens among the first `sinks` also go to the full-precision pages: keys plain,
             // values in the value codec's rotated domain (attention sums them with the page's).
             let n_sink = c.sinks.min(first + n).saturating_sub(first);
             if n_sink > 0 {
                 let args = |xs, page| EncodeArgs {
-                    xs,
+                    xs: Input::F32(xs),
                     src_offset: h * c.head_dim,
-                    src_stride: c.n_kv_heads * c.head_dim,
+                    src_stride: width,
                     n: n_sink,
                     page,
                     capacity: c.n_kv_heads * c.sinks,
@@ -339,28 +386,47 @@ impl KvCache {
                     .encode_into(gpu, batch, &args(k, &lc.sink_k_page))?;
                 lc.v.encode_rotated_f16_into(gpu, batch, &args(v, &lc.sink_v_page))?;
             }
-            // The window ring: position p at slot p mod ring, in at most two runs.
+            // The window ring: position p at slot p mod ring, in at most two runs; keys as the
+            // pages store them (centered or not).
             if c.recent > 0 {
                 let ring = self.ring_slots();
-                let at = first % ring;
-                let run = n.min(ring - at);
-                for (skip, count, dst) in [(0, run, at), (run, n - run, 0)] {
-                    if count == 0 {
-                        continue;
-                    }
+                for (skip, count, slot) in ring_runs(first..first + n, ring) {
                     let args = |xs, page| EncodeArgs {
-                        xs,
+                        xs: Input::F32(xs),
                         src_offset: h * c.head_dim + skip * width,
                         src_stride: width,
                         n: count,
                         page,
                         capacity: c.n_kv_heads * ring,
-                        dst_first: h * ring + dst,
+                        dst_first: h * ring + slot,
                         status,
                     };
                     self.exact_k
-                        .encode_into(gpu, batch, &args(k, &lc.win_k_page))?;
+                        .encode_into(gpu, batch, &args(k_main, &lc.win_k_page))?;
                     lc.v.encode_rotated_f16_into(gpu, batch, &args(v, &lc.win_v_page))?;
+                }
+                // Tokens leaving the window: from the ring (written above, ring ≥ recent + n
+                // keeps them) into the pages.
+                let leaving = self.leaving.clone();
+                for (skip, count, slot) in ring_runs(leaving.clone(), ring) {
+                    let dst_first = h * c.capacity + leaving.start + skip;
+                    let src_offset = (h * ring + slot) * c.head_dim;
+                    let args = |xs, page| EncodeArgs {
+                        xs,
+                        src_offset,
+                        src_stride: c.head_dim,
+                        n: count,
+                        page,
+                        capacity: slots,
+                        dst_first,
+                        status,
+                    };
+                    lc.k.encode_into(gpu, batch, &args(Input::F16(&lc.win_k_page), &lc.k_page))?;
+                    lc.v.encode_into(
+                        gpu,
+                        batch,
+                        &args(Input::RotatedF16(&lc.win_v_page), &lc.v_page),
+                    )?;
                 }
             }
         }
@@ -466,18 +532,20 @@ impl KvCache {
                 values: ValueStore::RotatedF16,
                 ring: self.ring_slots(),
                 recent: Recent::Last(c.recent + 1),
-                center: None,
+                center: self.key_mean(layer),
             });
         }
         regions
     }
 
-    /// Exact bytes that the stored tokens occupy: codes plus scales of every stored vector, in
-    /// every layer, for keys and values (the page's unused capacity is not counted), plus the
-    /// f16 copies of the sinks and of the recent window, plus the key means (f32).
+    /// Exact bytes that the stored tokens occupy, each token counted once, where the next query
+    /// reads it: codes plus scales of every vector in the compressed pages, in every layer, for
+    /// keys and values (the pages' unused capacity is not counted), f16 keys and values of the
+    /// sinks and of the window's tokens not yet in the pages, the key means (f32) and the
+    /// compaction biases.
     pub fn bytes(&self) -> u64 {
         let d = self.config.head_dim;
-        let per_head_tokens = self.len;
+        let per_head_tokens = self.paged_len();
         (0..self.config.n_layer)
             .map(|l| {
                 let f = self.config.format_of(l);
@@ -548,12 +616,13 @@ impl KvCache {
         (c.n_layer * c.n_kv_heads * self.len.min(c.sinks) * 2 * c.head_dim * 2) as u64
     }
 
-    /// Bytes of the window of recent tokens (f16 keys and values): the `recent` tokens past the
-    /// sinks that the next query reads from it. (Its ring has room for one more append, which is
-    /// capacity like the pages' unused slots, not stored tokens.)
+    /// Bytes of the window of recent tokens (f16 keys and values): the tokens past the sinks not
+    /// yet in the pages, at most `recent`, which the next query reads from it. (Its ring has room
+    /// for one more append and keeps tokens already quantized until they are overwritten: that
+    /// is capacity, like the pages' unused slots, not stored tokens.)
     pub fn window_bytes(&self) -> u64 {
         let c = &self.config;
-        let tokens = c.recent.min(self.len.saturating_sub(c.sinks));
+        let tokens = self.len - self.len.min(c.sinks) - self.paged_len();
         (c.n_layer * c.n_kv_heads * tokens * 2 * c.head_dim * 2) as u64
     }
 
@@ -591,6 +660,8 @@ impl KvCache {
     /// Forget every token (the pages keep their memory).
     pub fn clear(&mut self, gpu: &Gpu) {
         self.len = 0;
+        self.paged = 0;
+        self.leaving = 0..0;
         self.mean_append = None;
         self.bias = None;
         self.bias_tokens = 0;
