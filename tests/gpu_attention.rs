@@ -157,6 +157,8 @@ fn compressed_domain_attention_equals_attention_over_decoded_cache() {
             ("turbo3p", "turbo2.5"),
         ] {
             run_case(&gpu, kf, vf, &[1100, 513], 2, true, false, 3, true);
+            // A prefill chunk of 64 positions, as the model records it.
+            run_case(&gpu, kf, vf, &[600, 300], 64, false, false, 3, true);
         }
     }
 }

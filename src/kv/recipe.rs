@@ -24,8 +24,8 @@ pub struct KvRecipe {
 
 /// The named presets: (name, recipe). Of the recipes measured on Brown ca01 at 512 tokens
 /// (docs/benchmarks.md), the one with the lowest KL divergence from the f32 cache at ≤ 3.5 bits
-/// per value (`tq3`) and at ≤ 4.25 (`tq4`), everything counted at that length.
-pub const PRESETS: &[(&str, &str)] = &[("tq3", "k4v2+s2+r4+c"), ("tq4", "k4v3+s4+r8+c")];
+/// per value (`tq3`) and at ≤ 4.25 (`tq4`), everything counted at that length, each token once.
+pub const PRESETS: &[(&str, &str)] = &[("tq3", "k4v2+s2+r4+c"), ("tq4", "k4v3+s4+r14+c")];
 
 impl KvRecipe {
     /// A plain format with `sinks` f16 sinks, no window, keys not centered.
