@@ -253,20 +253,17 @@ fn gpu_encode_from_f16_and_rotated_f16_input_matches_cpu_reference() {
                 gc.encode_into(
                     &gpu,
                     &mut b,
-                    &EncodeArgs {
-                        xs: if rotated {
+                    &EncodeArgs::packed(
+                        if rotated {
                             Input::RotatedF16(&input)
                         } else {
                             Input::F16(&input)
                         },
-                        src_offset: 0,
-                        src_stride: d,
+                        d,
                         n,
-                        page: &page,
-                        capacity: n,
-                        dst_first: 0,
-                        status: &status,
-                    },
+                        &page,
+                        &status,
+                    ),
                 )
                 .unwrap();
                 b.submit();

@@ -191,16 +191,7 @@ fn kernels(
             codec.encode_into(
                 &gpu,
                 b,
-                &EncodeArgs {
-                    xs: Input::F32(&xs),
-                    src_offset: 0,
-                    src_stride: d,
-                    n: n_enc,
-                    page: &page,
-                    capacity: n_enc,
-                    dst_first: 0,
-                    status: &status,
-                },
+                &EncodeArgs::packed(Input::F32(&xs), d, n_enc, &page, &status),
             )?;
             Ok(())
         })?;
@@ -242,16 +233,7 @@ fn kernels(
                 c.encode_into(
                     &gpu,
                     &mut b,
-                    &EncodeArgs {
-                        xs: Input::F32(&kv_in),
-                        src_offset: 0,
-                        src_stride: d,
-                        n,
-                        page: p,
-                        capacity: n,
-                        dst_first: 0,
-                        status: &status,
-                    },
+                    &EncodeArgs::packed(Input::F32(&kv_in), d, n, p, &status),
                 )?;
             }
             b.submit();

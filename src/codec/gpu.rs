@@ -131,6 +131,29 @@ pub struct EncodeArgs<'a> {
     pub status: &'a GpuVec<u32>,
 }
 
+impl<'a> EncodeArgs<'a> {
+    /// `n` packed vectors (`d` coordinates apart, from the start of `xs`) into the first `n`
+    /// slots of a page that holds exactly `n`.
+    pub fn packed(
+        xs: Input<'a>,
+        d: usize,
+        n: usize,
+        page: &'a GpuVec<u32>,
+        status: &'a GpuVec<u32>,
+    ) -> Self {
+        EncodeArgs {
+            xs,
+            src_offset: 0,
+            src_stride: d,
+            n,
+            page,
+            capacity: n,
+            dst_first: 0,
+            status,
+        }
+    }
+}
+
 impl GpuCodec {
     /// Upload a codec instance's parameters.
     pub fn new(gpu: &Gpu, codec: Codec) -> Self {
@@ -335,16 +358,7 @@ impl GpuCodec {
         self.encode_into(
             gpu,
             &mut batch,
-            &EncodeArgs {
-                xs: Input::F32(&input),
-                src_offset: 0,
-                src_stride: d,
-                n,
-                page: &page,
-                capacity: n,
-                dst_first: 0,
-                status: &status,
-            },
+            &EncodeArgs::packed(Input::F32(&input), d, n, &page, &status),
         )?;
         batch.submit();
         let words = gpu.read(&page).await?;

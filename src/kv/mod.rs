@@ -143,8 +143,9 @@ pub struct KvCache {
     len: usize,
     /// Positions `[sinks, paged)` are in the compressed pages (`paged ≥ sinks` once past them).
     paged: usize,
-    /// Positions that the current append quantizes from the window's ring into the pages.
-    leaving: std::ops::Range<usize>,
+    /// Positions that the current append puts into the pages: its own tokens past the sinks
+    /// without a window; with one, the tokens leaving the window (quantized from the ring).
+    entering: std::ops::Range<usize>,
     /// First position of the append that estimates the key means (once it has begun).
     mean_append: Option<usize>,
     bias: Option<Vec<LayerBias>>,
@@ -226,7 +227,7 @@ impl KvCache {
             centered,
             len: 0,
             paged: 0,
-            leaving: 0..0,
+            entering: 0..0,
             mean_append: None,
             bias: None,
             bias_tokens: 0,
@@ -303,16 +304,8 @@ impl KvCache {
         // Tokens past the sinks enter the pages: on write without a window; with one, when the
         // next query no longer reads them from it (older than its `recent` tokens before it).
         let from = self.paged.max(self.config.sinks.min(self.len));
-        let to = if self.config.recent > 0 {
-            self.len.saturating_sub(self.config.recent).max(from)
-        } else {
-            self.len.max(from)
-        };
-        self.leaving = if self.config.recent > 0 {
-            from..to
-        } else {
-            0..0
-        };
+        let to = self.len.saturating_sub(self.config.recent).max(from);
+        self.entering = from..to;
         self.paged = to;
         self.write_heads(gpu, self.len);
         Ok(first)
@@ -347,8 +340,8 @@ impl KvCache {
             k
         };
         for h in 0..c.n_kv_heads {
-            // Without a window: the tokens past the sinks go to the pages now.
-            let direct = c.sinks.max(first)..first + n;
+            // Without a window: this append's tokens past the sinks go to the pages now.
+            let direct = self.entering.clone();
             if c.recent == 0 && !direct.is_empty() {
                 let skip = direct.start - first;
                 for (codec, xs, page) in [(&lc.k, k_main, &lc.k_page), (&lc.v, v, &lc.v_page)] {
@@ -368,7 +361,7 @@ impl KvCache {
                     )?;
                 }
             }
-            // Tokens among the first `sinks` also go to the full-precision pages: keys plain,
+            // Tokens among the first `sinks` go to the full-precision pages only: keys plain,
             // values in the value codec's rotated domain (attention sums them with the page's).
             let n_sink = c.sinks.min(first + n).saturating_sub(first);
             if n_sink > 0 {
@@ -407,7 +400,7 @@ impl KvCache {
                 }
                 // Tokens leaving the window: from the ring (written above, ring ≥ recent + n
                 // keeps them) into the pages.
-                let leaving = self.leaving.clone();
+                let leaving = self.entering.clone();
                 for (skip, count, slot) in ring_runs(leaving.clone(), ring) {
                     let dst_first = h * c.capacity + leaving.start + skip;
                     let src_offset = (h * ring + slot) * c.head_dim;
@@ -661,7 +654,7 @@ impl KvCache {
     pub fn clear(&mut self, gpu: &Gpu) {
         self.len = 0;
         self.paged = 0;
-        self.leaving = 0..0;
+        self.entering = 0..0;
         self.mean_append = None;
         self.bias = None;
         self.bias_tokens = 0;
