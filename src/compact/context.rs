@@ -101,10 +101,8 @@ pub async fn compact_context(
         )));
     }
     let needs_ref = jobs.iter().any(|(m, _)| m.needs_reference_queries());
-    let needs_h2o = jobs
-        .iter()
-        .any(|(m, _)| matches!(m, Method::H2o | Method::AmMix));
-    let needs_mix = jobs.iter().any(|(m, _)| *m == Method::AmMix);
+    let needs_h2o = jobs.iter().any(|(m, _)| m.needs_context_queries());
+    let needs_mix = jobs.iter().any(|(m, _)| m.mixes_references());
     let needs_snap = jobs.iter().any(|(m, _)| *m == Method::SnapKv);
     let reference = match (needs_ref, reference) {
         (true, None) => {
@@ -191,7 +189,7 @@ pub async fn compact_context(
             };
             for (j, &(method, budget)) in jobs.iter().enumerate() {
                 let s = now_s();
-                let which = if method == Method::AmMix {
+                let which = if method.mixes_references() {
                     &mixed_inputs
                 } else {
                     &inputs

@@ -36,7 +36,7 @@ pub const BIAS_LIMIT: f64 = 10.0;
 pub enum CompactError {
     /// A method name that is not known.
     #[error(
-        "unknown compaction method {0:?}: use am, am-window, am-mix, h2o, snapkv or streaming"
+        "unknown compaction method {0:?}: use am, am-window, am-mix, am-mix-window, h2o, snapkv or streaming"
     )]
     UnknownMethod(String),
     /// Inconsistent inputs.
@@ -58,6 +58,10 @@ pub enum Method {
     /// Attention Matching whose reference queries are the repeat prefill's together with the
     /// context's own (causal) queries: the latter resemble the queries of a continuation.
     AmMix,
+    /// `am-window`'s exact sinks and recent window with `am-mix`'s reference queries for the
+    /// fitted rest: the recent tokens a continuation leans on stay exact (as in H2O), the older
+    /// ones are chosen and fitted for the queries of both a re-read and a continuation.
+    AmMixWindow,
     /// H2O: heavy hitters by accumulated attention over the context's own queries + a recent window.
     H2o,
     /// SnapKV: keys the last [`SNAPKV_WINDOW`] positions attend to (max-pooled) + that window.
@@ -73,6 +77,7 @@ impl std::str::FromStr for Method {
             "am" => Method::Am,
             "am-window" => Method::AmWindow,
             "am-mix" => Method::AmMix,
+            "am-mix-window" => Method::AmMixWindow,
             "h2o" => Method::H2o,
             "snapkv" => Method::SnapKv,
             "streaming" | "streamingllm" => Method::Streaming,
@@ -87,6 +92,7 @@ impl std::fmt::Display for Method {
             Method::Am => "am",
             Method::AmWindow => "am-window",
             Method::AmMix => "am-mix",
+            Method::AmMixWindow => "am-mix-window",
             Method::H2o => "h2o",
             Method::SnapKv => "snapkv",
             Method::Streaming => "streaming",
@@ -98,7 +104,20 @@ impl Method {
     /// Whether the method reads the reference queries (Attention Matching) rather than only the
     /// context's own queries.
     pub fn needs_reference_queries(self) -> bool {
-        matches!(self, Method::Am | Method::AmWindow | Method::AmMix)
+        matches!(
+            self,
+            Method::Am | Method::AmWindow | Method::AmMix | Method::AmMixWindow
+        )
+    }
+
+    /// Whether the method reads the context's own queries (every position).
+    pub fn needs_context_queries(self) -> bool {
+        matches!(self, Method::H2o | Method::AmMix | Method::AmMixWindow)
+    }
+
+    /// Whether the method's reference set is the repeat prefill's queries and the context's own.
+    pub fn mixes_references(self) -> bool {
+        matches!(self, Method::AmMix | Method::AmMixWindow)
     }
 }
 
@@ -116,7 +135,7 @@ pub struct FitOptions {
     pub nnls_sweeps: usize,
     /// Ridge of the value fit, relative to the mean diagonal of the normal matrix.
     pub value_ridge: f64,
-    /// `am-window`: fraction of the budget kept as an exact recent window.
+    /// `am-window`, `am-mix-window`: fraction of the budget kept as an exact recent window.
     pub recent_fraction: f64,
 }
 
@@ -386,7 +405,7 @@ pub struct HeadInputs<'a> {
     pub context: Option<&'a HeadScores>,
     /// Query rows per position in `context` (query heads sharing this KV head).
     pub rows_per_position: usize,
-    /// Reference queries (Attention Matching; for `am-mix`, the mixed set).
+    /// Reference queries (Attention Matching; for `am-mix` and `am-mix-window`, the mixed set).
     pub reference: Option<&'a HeadScores>,
 }
 
@@ -437,9 +456,10 @@ pub fn compact_head(
             let obs = SNAPKV_WINDOW * inputs.rows_per_position.max(1);
             keep(select_snapkv(need(inputs.context, "context")?, obs, budget))
         }
-        Method::Am | Method::AmWindow | Method::AmMix => {
+        Method::Am | Method::AmWindow | Method::AmMix | Method::AmMixWindow => {
             let refs = need(inputs.reference, "reference")?;
-            let fixed_idx: Vec<usize> = if method == Method::AmWindow {
+            let fixed_idx: Vec<usize> = if matches!(method, Method::AmWindow | Method::AmMixWindow)
+            {
                 let sinks = SINK_TOKENS.min(budget / 2);
                 let recent = ((budget as f64 * opts.recent_fraction) as usize)
                     .min(budget - sinks)

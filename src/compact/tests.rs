@@ -199,13 +199,32 @@ fn am_window_keeps_sinks_and_recent_tokens_exact() {
         rows_per_position: 1,
         reference: Some(&refs),
     };
-    let opts = FitOptions::default();
-    let h = compact_head(Method::AmWindow, &inputs, 32, &opts).unwrap();
-    assert_eq!(h.len(), 32);
-    for p in (0..SINK_TOKENS).chain(t - 8..t) {
-        let c = h.positions.iter().position(|&x| x as usize == p).unwrap();
-        assert_eq!(h.bias[c], 0.0);
-        assert_eq!(&h.values[c * d..][..d], &s.values[p * d..][..d]);
+    // Default share (a quarter: 8 of 32) and H2O's half (16 of 32); am-mix-window keeps the
+    // same exact tokens (it differs from am-window only in the reference set it is given).
+    for (method, fraction, recent) in [
+        (Method::AmWindow, FitOptions::default().recent_fraction, 8),
+        (Method::AmWindow, 0.5, 16),
+        (Method::AmMixWindow, 0.5, 16),
+    ] {
+        let opts = FitOptions {
+            recent_fraction: fraction,
+            ..FitOptions::default()
+        };
+        let h = compact_head(method, &inputs, 32, &opts).unwrap();
+        assert_eq!(h.len(), 32);
+        for p in (0..SINK_TOKENS).chain(t - recent..t) {
+            let c = h.positions.iter().position(|&x| x as usize == p).unwrap();
+            assert_eq!(h.bias[c], 0.0, "{method} keeps {p} exact");
+            assert_eq!(&h.values[c * d..][..d], &s.values[p * d..][..d]);
+        }
+        // The fitted rest is not all exact: some β moved.
+        assert!(h.bias.iter().any(|&b| b != 0.0), "{method}");
+        // Not one more recent token is pinned than asked: the token before the window is
+        // kept only if selected, and then fitted.
+        let before = t - recent - 1;
+        if let Some(c) = h.positions.iter().position(|&x| x as usize == before) {
+            assert!(h.bias[c] != 0.0 || h.values[c * d..][..d] != s.values[before * d..][..d]);
+        }
     }
 }
 
