@@ -11,7 +11,7 @@ use kvpack::attention::{
 use kvpack::codec::gpu::{page_words, EncodeArgs, GpuCodec, Input};
 use kvpack::codec::rng::SplitMix64;
 use kvpack::codec::{Codec, KvFormat};
-use kvpack::gpu::{grid, Batch, Binding, Gpu};
+use kvpack::gpu::{grid, Batch, Binding, Gpu, GpuTimer};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -31,7 +31,9 @@ pub enum BenchCommand {
             default_value = "f32,f16,q8_0,q4_0,turbo4,turbo3,turbo2"
         )]
         formats: Vec<String>,
-        /// Timed repetitions per figure (the median is reported).
+        /// Timed repetitions per figure (the median is reported). Decode attention times the
+        /// formats of one context in turn, rep by rep, so a load that comes and goes on the
+        /// machine slows them alike and the ratios to f16 stay fair.
         #[arg(long, default_value_t = 7)]
         reps: usize,
         /// One attention workgroup per query head, each reading and decoding its KV head's keys
@@ -93,44 +95,76 @@ pub fn run(gpu_args: &GpuArgs, cmd: BenchCommand) -> Result<()> {
     }
 }
 
-/// Median time of `reps` runs of the dispatches `record` puts in one batch: GPU timestamps around
-/// the pass when the adapter has them, otherwise wall clock from submit to device idle. Also the
-/// process's mean CPU milliseconds per timed run.
+/// One timed run of the dispatches `record` puts in one batch: GPU timestamps around the pass
+/// when the adapter has them, otherwise wall clock from submit to device idle; and the process's
+/// CPU seconds over the run.
+fn time_once(
+    gpu: &Gpu,
+    timer: Option<&GpuTimer>,
+    record: impl FnOnce(&mut Batch) -> Result<()>,
+) -> Result<(f64, Option<f64>)> {
+    let mut b = gpu.batch("bench");
+    if let Some(timer) = timer {
+        b = b.timed(timer);
+    }
+    record(&mut b)?;
+    let cpu0 = process_cpu_seconds();
+    let start = Instant::now();
+    b.submit();
+    gpu.wait_idle();
+    let wall = start.elapsed().as_secs_f64() * 1e3;
+    let cpu = cpu0.zip(process_cpu_seconds()).map(|(a, b)| b - a);
+    let ms = match timer {
+        Some(timer) => pollster::block_on(timer.elapsed_ms(gpu))?,
+        None => wall,
+    };
+    Ok((ms, cpu))
+}
+
+/// The median of `t` (not empty).
+fn median(mut t: Vec<f64>) -> f64 {
+    t.sort_by(|a, b| a.total_cmp(b));
+    t[t.len() / 2]
+}
+
+/// Median time of `reps` runs of `record` (after one warm-up run: pipelines compiled, buffers
+/// touched), and the process's mean CPU milliseconds per timed run.
 fn median_ms(
     gpu: &Gpu,
     reps: usize,
     mut record: impl FnMut(&mut Batch) -> Result<()>,
 ) -> Result<(f64, Option<f64>)> {
+    let mut t = interleaved_ms(gpu, reps, 1, |_, b| record(b))?;
+    Ok(t.remove(0))
+}
+
+/// `reps` timed runs of each of `n` variants (`record(i, batch)` records variant i), taken in
+/// turn (variant 0, 1, …, n−1, then again), after one warm-up round: whatever else loads the
+/// machine meanwhile slows every variant alike, so their ratios hold up better than when each
+/// variant's runs come one after another. Per variant, the median time and the mean CPU
+/// milliseconds per run.
+fn interleaved_ms(
+    gpu: &Gpu,
+    reps: usize,
+    n: usize,
+    mut record: impl FnMut(usize, &mut Batch) -> Result<()>,
+) -> Result<Vec<(f64, Option<f64>)>> {
     let timer = gpu.timer();
-    let mut t = Vec::with_capacity(reps);
-    let mut cpu_start = None;
+    let mut t = vec![Vec::with_capacity(reps); n];
+    let mut cpu = vec![Some(0.0); n];
     for rep in 0..=reps {
-        if rep == 1 {
-            cpu_start = process_cpu_seconds();
-        }
-        let mut b = gpu.batch("bench");
-        if let Some(timer) = &timer {
-            b = b.timed(timer);
-        }
-        record(&mut b)?;
-        let start = Instant::now();
-        b.submit();
-        gpu.wait_idle();
-        let wall = start.elapsed().as_secs_f64() * 1e3;
-        let ms = match &timer {
-            Some(timer) => pollster::block_on(timer.elapsed_ms(gpu))?,
-            None => wall,
-        };
-        if rep > 0 {
-            t.push(ms); // rep 0 warms up: pipelines compiled, buffers touched
+        for i in 0..n {
+            let (ms, c) = time_once(gpu, timer.as_ref(), |b| record(i, b))?;
+            if rep > 0 {
+                t[i].push(ms);
+                cpu[i] = cpu[i].zip(c).map(|(a, b)| a + b);
+            }
         }
     }
-    let cpu_ms = match (cpu_start, process_cpu_seconds()) {
-        (Some(a), Some(b)) => Some((b - a) * 1e3 / reps as f64),
-        _ => None,
-    };
-    t.sort_by(|a, b| a.total_cmp(b));
-    Ok((t[t.len() / 2], cpu_ms))
+    Ok(t.into_iter()
+        .zip(cpu)
+        .map(|(t, c)| (median(t), c.map(|c| c * 1e3 / reps as f64)))
+        .collect())
 }
 
 fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
@@ -223,6 +257,8 @@ fn kernels(
         let mut scratch = AttentionScratch::new(&gpu, shape, 1, ctx);
         scratch.share_kv_heads = !per_query_head;
         let n = shape.n_kv_heads * ctx;
+        // Every format's pages first, then the formats timed in turn.
+        let mut pages = Vec::with_capacity(formats.len());
         for f in &formats {
             let kc = GpuCodec::new(&gpu, Codec::with_seed(f.k, d, 21)?);
             let vc = GpuCodec::new(&gpu, Codec::with_seed(f.v, d, 22)?);
@@ -237,11 +273,15 @@ fn kernels(
                 )?;
             }
             b.submit();
+            pages.push((kc, vc, kp, vp));
+        }
+        let timed = interleaved_ms(&gpu, reps, pages.len(), |i, b| {
+            let (kc, vc, kp, vp) = &pages[i];
             let kv = KvPages {
-                k_codec: &kc,
-                v_codec: &vc,
-                k_page: &kp,
-                v_page: &vp,
+                k_codec: kc,
+                v_codec: vc,
+                k_page: kp,
+                v_page: vp,
                 capacity: n,
                 heads: &heads,
                 max_len: ctx,
@@ -252,19 +292,19 @@ fn kernels(
                 recent: Recent::All,
                 center: None,
             };
-            let (ms, cpu_ms) = median_ms(&gpu, reps, |b| {
-                decode_attention_into(
-                    &gpu,
-                    b,
-                    shape,
-                    std::slice::from_ref(&kv),
-                    &q,
-                    1,
-                    &scratch,
-                    &out,
-                )?;
-                Ok(())
-            })?;
+            decode_attention_into(
+                &gpu,
+                b,
+                shape,
+                std::slice::from_ref(&kv),
+                &q,
+                1,
+                &scratch,
+                &out,
+            )?;
+            Ok(())
+        })?;
+        for ((f, (_, _, kp, vp)), (ms, cpu_ms)) in formats.iter().zip(&pages).zip(timed) {
             let bytes = (kp.bytes() + vp.bytes()) as f64;
             rows.push(Row {
                 kernel: "decode_attention".into(),
