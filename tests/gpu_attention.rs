@@ -417,13 +417,10 @@ fn preset_cache_bytes_equal_formula() {
             .unwrap();
             assert_eq!(cache.bytes(), 0);
             // turbo{b} (any scale mode): b·d/8 bytes of codes and one f16 scale per vector.
-            let vector_bytes =
-                |f: kvpack::codec::VecFormat| match f.to_string().trim_end_matches(['n', 'u']) {
-                    "turbo2" => 2 * d / 8 + 2,
-                    "turbo3" => 3 * d / 8 + 2,
-                    "turbo4" => 4 * d / 8 + 2,
-                    other => panic!("{name}: add {other} to the formula"),
-                };
+            let vector_bytes = |f: kvpack::codec::VecFormat| match f {
+                kvpack::codec::VecFormat::Turbo { bits, .. } => bits as usize * d / 8 + 2,
+                other => panic!("{name}: add {other} to the formula"),
+            };
             let per_token = vector_bytes(r.format.k) + vector_bytes(r.format.v);
             let mut rng = Rng::new(5);
             let status = gpu.upload("status", &[0u32, u32::MAX]);

@@ -18,6 +18,23 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// The fit's knobs that both `compact` and `eval compaction` take.
+#[derive(Args)]
+pub struct FitArgs {
+    /// am-window, am-mix-window: the share of each head's budget kept as an exact recent window.
+    #[arg(long, default_value_t = FitOptions::default().recent_fraction, value_parser = parse_fraction)]
+    recent_fraction: f64,
+}
+
+impl FitArgs {
+    fn options(&self) -> FitOptions {
+        FitOptions {
+            recent_fraction: self.recent_fraction,
+            ..FitOptions::default()
+        }
+    }
+}
+
 /// The instruction between the context and its repetition in the reference-query prefill.
 pub const REPEAT_PROMPT: &str = "\n\nRepeat the text above, word for word.\n\n";
 
@@ -56,9 +73,8 @@ pub struct CompactionArgs {
     /// The first N cache slots are also kept in full precision (matters for quantized formats).
     #[arg(long, default_value_t = 4)]
     sinks: usize,
-    /// am-window, am-mix-window: the share of each head's budget kept as an exact recent window.
-    #[arg(long, default_value_t = FitOptions::default().recent_fraction, value_parser = parse_fraction)]
-    recent_fraction: f64,
+    #[command(flatten)]
+    fit: FitArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -278,10 +294,7 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         }
     }
     let job_list: Vec<(Method, usize)> = jobs.iter().map(|&(m, b, _)| (m, b)).collect();
-    let fit = FitOptions {
-        recent_fraction: a.recent_fraction,
-        ..FitOptions::default()
-    };
+    let fit = a.fit.options();
     let run = compact_tokens(
         &gpu,
         &loaded,
@@ -439,9 +452,8 @@ pub struct CompactArgs {
     /// Method: am, am-window, am-mix, am-mix-window, h2o, snapkv, streaming.
     #[arg(long, default_value = "am")]
     method: String,
-    /// am-window, am-mix-window: the share of the budget kept as an exact recent window.
-    #[arg(long, default_value_t = FitOptions::default().recent_fraction, value_parser = parse_fraction)]
-    recent_fraction: f64,
+    #[command(flatten)]
+    fit: FitArgs,
     /// KV format the compacted tokens are stored in when the file is loaded.
     #[arg(long, default_value = "f32")]
     kv: String,
@@ -485,10 +497,7 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
         &[(method, budget)],
         a.reference_positions,
         4,
-        &FitOptions {
-            recent_fraction: a.recent_fraction,
-            ..FitOptions::default()
-        },
+        &a.fit.options(),
         &|m| eprintln!("{m}"),
     )?;
     let sha = kvpack::model::fetch::sha256_file(&loaded.path)

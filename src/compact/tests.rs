@@ -275,3 +275,24 @@ fn baselines_keep_the_budget_and_their_windows() {
     let am = compact_head(Method::Am, &mix_inputs, 20, &opts).unwrap();
     assert_eq!(mix, am);
 }
+
+#[test]
+fn method_names_round_trip_and_route_their_queries() {
+    // (name, reads reference queries, reads the context's own, fits on the mixed set)
+    for (name, reference, context, mixed) in [
+        ("am", true, false, false),
+        ("am-window", true, false, false),
+        ("am-mix", true, true, true),
+        ("am-mix-window", true, true, true),
+        ("h2o", false, true, false),
+        ("snapkv", false, false, false),
+        ("streaming", false, false, false),
+    ] {
+        let m: Method = name.parse().unwrap();
+        assert_eq!(m.to_string(), name);
+        assert_eq!(m.needs_reference_queries(), reference, "{name}");
+        assert_eq!(m.needs_context_queries(), context, "{name}");
+        assert_eq!(m.mixes_references(), mixed, "{name}");
+    }
+    assert!("am-mixed".parse::<Method>().is_err());
+}
