@@ -5,7 +5,7 @@
 mod common;
 
 use common::{gpus, Rng};
-use kvpack::compact::{head_scores, reference_head_scores};
+use kvpack::compact::{head_scores_with, reference_head_scores, ScoresKernel};
 
 fn close(ctx: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{ctx}: lengths");
@@ -28,6 +28,7 @@ fn scores_match_the_cpu_reference() {
             (33, 129, 64, true),
             (17, 300, 128, false),
             (9, 64, 32, true),
+            (150, 200, 64, true),
         ] {
             let mut q = rng.gauss(n_q * d);
             let mut k = rng.gauss(n_k * d);
@@ -50,12 +51,18 @@ fn scores_match_the_cpu_reference() {
                 })
                 .collect();
             let want = reference_head_scores(&q, &lens, &k, &v, d).unwrap();
-            let got = pollster::block_on(head_scores(&gpu, &q, &lens, &k, &v, d)).unwrap();
-            let ctx = format!("{} n_q {n_q} n_k {n_k} d {d}", gpu.backend_name());
-            close(&format!("{ctx} e"), &got.e, &want.e, 1e-4);
-            close(&format!("{ctx} max"), &got.max, &want.max, 1e-4);
-            close(&format!("{ctx} sum"), &got.sum, &want.sum, 1e-4);
-            close(&format!("{ctx} y"), &got.y, &want.y, 1e-4);
+            for kernel in [ScoresKernel::Workgroup, ScoresKernel::Rows] {
+                let got = pollster::block_on(head_scores_with(&gpu, kernel, &q, &lens, &k, &v, d))
+                    .unwrap();
+                let ctx = format!(
+                    "{} {kernel:?} n_q {n_q} n_k {n_k} d {d}",
+                    gpu.backend_name()
+                );
+                close(&format!("{ctx} e"), &got.e, &want.e, 1e-4);
+                close(&format!("{ctx} max"), &got.max, &want.max, 1e-4);
+                close(&format!("{ctx} sum"), &got.sum, &want.sum, 1e-4);
+                close(&format!("{ctx} y"), &got.y, &want.y, 1e-4);
+            }
         }
     }
 }

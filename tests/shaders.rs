@@ -68,7 +68,7 @@ fn model_variants(name: &str) -> Option<Vec<Vec<(&'static str, f64)>>> {
                 out.push(vec![("MEAN", mean), ("WG", 64.0)]);
             }
         }
-        "compact/scores" => {
+        "compact/scores" | "compact/scores_rows" => {
             for d in [32.0, 64.0, 128.0, 256.0] {
                 out.push(vec![("D", d), ("WG", 64.0)]);
             }

@@ -40,6 +40,10 @@ pub enum BenchCommand {
         /// and values itself (the kernel without GQA sharing), for comparison.
         #[arg(long)]
         per_query_head: bool,
+        /// Query positions per attention call: 1 is a decode step; more is a prompt chunk (the
+        /// last N tokens of the context, causal), as prefill runs it (64 per chunk).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+        queries: u64,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -90,8 +94,17 @@ pub fn run(gpu_args: &GpuArgs, cmd: BenchCommand) -> Result<()> {
             formats,
             reps,
             per_query_head,
+            queries,
             json,
-        } => kernels(gpu_args, &contexts, &formats, reps, per_query_head, json),
+        } => kernels(
+            gpu_args,
+            &contexts,
+            &formats,
+            reps,
+            per_query_head,
+            queries as usize,
+            json,
+        ),
     }
 }
 
@@ -193,6 +206,7 @@ fn kernels(
     formats: &[String],
     reps: usize,
     per_query_head: bool,
+    n_q: usize,
     json: bool,
 ) -> Result<()> {
     if reps == 0 {
@@ -247,14 +261,22 @@ fn kernels(
         "bench kv",
         &random(&mut rng, shape.n_kv_heads * max_ctx * d),
     );
-    let q = gpu.upload("q", &random(&mut rng, shape.n_heads * d));
-    let out = gpu.zeros::<f32>("out", shape.n_heads * d);
+    if let Some(&short) = contexts.iter().find(|&&c| c < n_q) {
+        bail!("--queries {n_q} needs contexts of at least {n_q} tokens, got {short}");
+    }
+    let q = gpu.upload("q", &random(&mut rng, n_q * shape.n_heads * d));
+    let out = gpu.zeros::<f32>("out", n_q * shape.n_heads * d);
+    let attention_kernel = if n_q == 1 {
+        "decode_attention".to_string()
+    } else {
+        format!("prefill_attention_{n_q}")
+    };
     for &ctx in contexts {
         let heads: Vec<u32> = (0..shape.n_kv_heads)
             .flat_map(|h| [(h * ctx) as u32, ctx as u32])
             .collect();
         let heads = gpu.upload("heads", &heads);
-        let mut scratch = AttentionScratch::new(&gpu, shape, 1, ctx);
+        let mut scratch = AttentionScratch::new(&gpu, shape, n_q, ctx);
         scratch.share_kv_heads = !per_query_head;
         let n = shape.n_kv_heads * ctx;
         // Every format's pages first, then the formats timed in turn.
@@ -298,7 +320,7 @@ fn kernels(
                 shape,
                 std::slice::from_ref(&kv),
                 &q,
-                1,
+                n_q,
                 &scratch,
                 &out,
             )?;
@@ -307,7 +329,7 @@ fn kernels(
         for ((f, (_, _, kp, vp)), (ms, cpu_ms)) in formats.iter().zip(&pages).zip(timed) {
             let bytes = (kp.bytes() + vp.bytes()) as f64;
             rows.push(Row {
-                kernel: "decode_attention".into(),
+                kernel: attention_kernel.clone(),
                 format: f.to_string(),
                 context: ctx,
                 ms,

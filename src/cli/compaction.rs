@@ -396,6 +396,11 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
             "ppl_full": m_full.ppl, "ppl_none": m_none.ppl,
             "recall_ppl_full": m_full.recall, "recall_ppl_none": m_none.recall,
             "kv_bytes_full_f32": m_full.kv_bytes,
+            "prefill_seconds": prefill_s,
+            "repeat_prefill_seconds": repeat_s,
+            "reference_scores_seconds": timings.reference_scores_s,
+            "context_scores_seconds": timings.context_scores_s,
+            "fit_seconds": timings.fit_s,
             "rows": rows,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
@@ -413,6 +418,18 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         println!(
             "full context: ppl {:.3}, recall ppl {:.3}; no context: ppl {:.3}, recall ppl {:.3}; prefill {:.1} s",
             m_full.ppl, m_full.recall, m_none.ppl, m_none.recall, prefill_s
+        );
+        println!(
+            "compaction time: repeat prefill {:.1} s, reference scores {:.1} s, context scores {:.1} s, fits {} s",
+            repeat_s,
+            timings.reference_scores_s,
+            timings.context_scores_s,
+            timings
+                .fit_s
+                .iter()
+                .map(|s| format!("{s:.1}"))
+                .collect::<Vec<_>>()
+                .join("/")
         );
         println!(
             "{:<10} {:>6} {:<8} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",

@@ -24,7 +24,7 @@ mod scores;
 pub use context::{compact_context, Captured, CompactTimings, ContextShape};
 
 pub use fit::{nnls, ridge_toward};
-pub use scores::{head_scores, reference_head_scores, HeadScores};
+pub use scores::{head_scores, head_scores_with, reference_head_scores, HeadScores, ScoresKernel};
 
 use nalgebra::{DMatrix, DVector};
 

@@ -66,10 +66,40 @@ fn check(q: &[f32], lens: &[u32], k: &[f32], v: &[f32], d: usize) -> Result<(), 
     Ok(())
 }
 
+/// How [`head_scores_with`] lays out its work. Both kernels compute the same sums.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScoresKernel {
+    /// [`ScoresKernel::Rows`] on CPU adapters (lavapipe, llvmpipe, SwiftShader),
+    /// [`ScoresKernel::Workgroup`] elsewhere.
+    #[default]
+    Auto,
+    /// `compact/scores`: one workgroup per query row, its invocations splitting the keys and
+    /// meeting in tree reductions. For GPUs.
+    Workgroup,
+    /// `compact/scores_rows`: one invocation per query row, every invocation reading the same key
+    /// at once, so a CPU adapter's SIMD lanes need neither gathers nor reductions (on lavapipe
+    /// about 20x faster than `Workgroup` for 3,072 rows over 1,024 keys). Head dimensions that are
+    /// not a multiple of 4 fall back to `Workgroup`.
+    Rows,
+}
+
 /// Score query rows `q` (`n_q × d`) against keys `k` and values `v` (`n_k × d`); row `i` sees the
 /// first `lens[i]` keys. Rows are processed in slices whose weights fit one storage binding.
 pub async fn head_scores(
     gpu: &Gpu,
+    q: &[f32],
+    lens: &[u32],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+) -> Result<HeadScores, GpuError> {
+    head_scores_with(gpu, ScoresKernel::Auto, q, lens, k, v, d).await
+}
+
+/// [`head_scores`] with a chosen kernel layout.
+pub async fn head_scores_with(
+    gpu: &Gpu,
+    kernel: ScoresKernel,
     q: &[f32],
     lens: &[u32],
     k: &[f32],
@@ -86,9 +116,19 @@ pub async fn head_scores(
     if n_q == 0 {
         return Ok(out);
     }
+    let rows_layout = match kernel {
+        ScoresKernel::Auto => gpu.report().device_type == "Cpu",
+        ScoresKernel::Workgroup => false,
+        ScoresKernel::Rows => true,
+    } && d.is_multiple_of(4);
     let wg = 64usize;
+    let (shader, per_group) = if rows_layout {
+        ("compact/scores_rows", wg)
+    } else {
+        ("compact/scores", 1)
+    };
     let kernel = gpu.pipeline(
-        "compact/scores",
+        shader,
         "main",
         &[("D", d as f64), ("WG", wg as f64)],
         &[
@@ -136,7 +176,7 @@ pub async fn head_scores(
                 sb.buffer(),
                 yb.buffer(),
             ],
-            grid(rows as u32),
+            grid(rows.div_ceil(per_group) as u32),
         );
         b.submit();
         let e = gpu.read(&eb).await?;
@@ -151,10 +191,10 @@ pub async fn head_scores(
     Ok(out)
 }
 
-/// An empty key set still needs a non-empty buffer.
+/// An empty key set still needs a non-empty buffer (one vec4).
 fn pad(x: &[f32]) -> Vec<f32> {
     if x.is_empty() {
-        vec![0.0]
+        vec![0.0; 4]
     } else {
         x.to_vec()
     }

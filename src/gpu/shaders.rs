@@ -33,6 +33,7 @@ shader_files!(
     "model/add.wgsl",
     "model/argmax.wgsl",
     "compact/scores.wgsl",
+    "compact/scores_rows.wgsl",
 );
 
 /// Names of the kernels (files outside `common/`, without `.wgsl`).
