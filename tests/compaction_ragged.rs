@@ -29,7 +29,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Oldest tokens past the sinks that head `h` of layer `l` drops: about a quarter of the heads,
 /// 1 to 17 tokens each.
 fn dropped(l: usize, h: usize) -> usize {
-    if (3 * l + h) % 4 == 0 {
+    if (3 * l + h).is_multiple_of(4) {
         1 + 2 * ((l + 2 * h) % 9)
     } else {
         0
