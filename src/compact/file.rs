@@ -304,6 +304,40 @@ mod tests {
     }
 
     #[test]
+    fn ragged_contexts_round_trip_exactly() {
+        let (h, mut c) = sample();
+        // Heads of different lengths, one of them empty, positions not contiguous.
+        let head = |positions: &[u32], s: f32| HeadCompaction {
+            positions: positions.to_vec(),
+            keys: (0..positions.len() * 4)
+                .map(|i| (i as f32 * s).sin())
+                .collect(),
+            values: (0..positions.len() * 4)
+                .map(|i| (i as f32 * s).cos())
+                .collect(),
+            bias: (0..positions.len()).map(|i| -(i as f32) * s).collect(),
+        };
+        c.layers = vec![
+            vec![
+                head(&[0, 1, 2, 3, 9, 17, 29], 0.3),
+                head(&[0, 1, 2, 3], 1.7),
+            ],
+            vec![head(&[], 1.0), head(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 28], -0.9)],
+        ];
+        assert_eq!(c.uniform_len(), None);
+        assert_eq!(c.max_len(), 10);
+        let bytes = to_bytes(&h, &c).unwrap();
+        // Exactly the header, each head's own tokens and the checksum: nothing padded.
+        let header = 8 + 4 + 32 + (4 + h.kv.len()) + (4 + h.method.len()) + 4 * 4;
+        let tokens = c.total_tokens();
+        assert_eq!(tokens, 21);
+        let per_token = 4 + 4 * (2 * 4 + 1);
+        assert_eq!(bytes.len(), header + 4 * 4 + tokens * per_token + 32);
+        let (h2, c2) = from_bytes(&bytes).unwrap();
+        assert_eq!((h2, c2), (h, c));
+    }
+
+    #[test]
     fn damaged_and_truncated_files_are_refused() {
         let (h, c) = sample();
         let good = to_bytes(&h, &c).unwrap();

@@ -214,6 +214,17 @@ impl CompactedContext {
             .then_some(first)
     }
 
+    /// Tokens kept by the longest head (0 when nothing is kept). A session loaded from the
+    /// context holds this many positions per head; shorter heads are not padded.
+    pub fn max_len(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|h| h.len())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Kept tokens summed over layers and heads.
     pub fn total_tokens(&self) -> usize {
         self.layers.iter().flatten().map(|h| h.len()).sum()

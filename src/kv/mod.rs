@@ -2,8 +2,18 @@
 //! contiguous in its page, a format per layer (K and V may differ), quantize-on-write through the
 //! codec kernels and exact byte accounting.
 //!
-//! Head `h` of a layer owns page slots `[h·capacity, h·capacity + len)`; the heads table
-//! `(first slot, length)` that attention reads is shared by all layers.
+//! Head `h` of a layer owns page slots `[h·capacity, h·capacity + capacity)`; the heads table
+//! `(first slot, length)` that attention reads is shared by all layers, every head holding the
+//! cache's `len` tokens at slots `[h·capacity, h·capacity + len)`.
+//!
+//! Ragged heads ([`KvCache::load_ragged`], a compacted context whose layers and heads keep
+//! different numbers of tokens): with `tmax` the longest head, head `h` of layer `l` keeping
+//! `t_lh` tokens is right-aligned, its token `i` at slot `h·capacity + o_lh + i` with offset
+//! `o_lh = tmax − t_lh`, and the layer's own heads table says `(h·capacity + o_lh, len − o_lh)`.
+//! Every head's last kept token then sits at slot `h·capacity + tmax − 1`, so later tokens are
+//! appended at slot `h·capacity + position` like in any cache, and every head stays contiguous.
+//! The offset slots are never written, read or counted: the byte counts are of each head's own
+//! tokens. (The attention kernel needs no change: it reads `first + j` for a head's token `j`.)
 //!
 //! Beside the compressed pages a cache may keep in f16 (values in the value codec's rotated
 //! domain): the first `sinks` tokens (attention sinks), and a window of the `recent` tokens
@@ -26,6 +36,16 @@ use crate::gpu::{grid, Batch, Binding, Gpu, GpuError, GpuVec};
 /// Most tokens one append may add when the cache keeps a window of recent tokens (the ring holds
 /// the window plus one append).
 pub const MAX_APPEND: usize = 64;
+
+/// One KV head's tokens for [`KvCache::load_ragged`], in position order: `t × head_dim` keys (as
+/// attention reads them, post-RoPE) and `t × head_dim` values.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadTokens<'a> {
+    /// Keys, token-major.
+    pub keys: &'a [f32],
+    /// Values, token-major.
+    pub values: &'a [f32],
+}
 
 /// Errors of the KV cache.
 #[derive(Debug, thiserror::Error)]
@@ -148,8 +168,15 @@ pub struct KvCache {
     entering: std::ops::Range<usize>,
     /// First position of the append that estimates the key means (once it has begun).
     mean_append: Option<usize>,
+    /// Ragged heads: per layer and KV head, the slots before the head's first token
+    /// (`tmax − t_lh`); `None` when every head starts at its first slot.
+    offsets: Option<Vec<Vec<usize>>>,
+    /// Per-layer heads tables, read instead of `heads` while `offsets` is set (allocated on the
+    /// first ragged load).
+    layer_heads: Vec<GpuVec<u32>>,
     bias: Option<Vec<LayerBias>>,
-    bias_tokens: usize,
+    /// Biased tokens per layer and KV head.
+    bias_lens: Vec<Vec<usize>>,
 }
 
 impl KvCache {
@@ -229,8 +256,10 @@ impl KvCache {
             paged: 0,
             entering: 0..0,
             mean_append: None,
+            offsets: None,
+            layer_heads: Vec::new(),
             bias: None,
-            bias_tokens: 0,
+            bias_lens: Vec::new(),
         };
         cache.write_heads(gpu, 0);
         Ok(cache)
@@ -241,9 +270,35 @@ impl KvCache {
         &self.config
     }
 
-    /// Tokens stored per head.
+    /// Tokens stored per head; with ragged heads, in the longest head (every head's tokens end
+    /// at this position).
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Slots before head `head`'s first token in layer `layer` (0 unless heads are ragged).
+    fn offset(&self, layer: usize, head: usize) -> usize {
+        self.offsets.as_ref().map_or(0, |o| o[layer][head])
+    }
+
+    /// Tokens that head `head` of layer `layer` holds: [`KvCache::len`] less the tokens it did
+    /// not keep when it was loaded ragged.
+    pub fn head_len(&self, layer: usize, head: usize) -> usize {
+        self.len.saturating_sub(self.offset(layer, head))
+    }
+
+    /// Whether some layer's heads hold different numbers of tokens ([`KvCache::load_ragged`]).
+    pub fn is_ragged(&self) -> bool {
+        self.offsets.is_some()
+    }
+
+    /// Tokens held, summed over layers and KV heads.
+    pub fn stored_tokens(&self) -> usize {
+        let c = &self.config;
+        (0..c.n_layer)
+            .flat_map(|l| (0..c.n_kv_heads).map(move |h| (l, h)))
+            .map(|(l, h)| self.head_len(l, h))
+            .sum()
     }
 
     /// Whether nothing is stored.
@@ -256,6 +311,21 @@ impl KvCache {
             .flat_map(|h| [(h * self.config.capacity) as u32, len as u32])
             .collect();
         self.heads.write(gpu, &table);
+        if let Some(offsets) = &self.offsets {
+            for (lh, o) in self.layer_heads.iter().zip(offsets) {
+                let table: Vec<u32> = o
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(h, &o)| {
+                        [
+                            (h * self.config.capacity + o) as u32,
+                            len.saturating_sub(o) as u32,
+                        ]
+                    })
+                    .collect();
+                lh.write(gpu, &table);
+            }
+        }
         let sinks: Vec<u32> = (0..self.config.n_kv_heads)
             .flat_map(|h| {
                 [
@@ -276,7 +346,8 @@ impl KvCache {
         self.config.recent + MAX_APPEND
     }
 
-    /// Tokens stored in the compressed pages per head (positions `[sinks, paged)`).
+    /// Tokens stored in the compressed pages per head (positions `[sinks, paged)`); with ragged
+    /// heads, in the longest head.
     pub fn paged_len(&self) -> usize {
         self.paged.saturating_sub(self.config.sinks)
     }
@@ -426,6 +497,148 @@ impl KvCache {
         Ok(())
     }
 
+    /// Load an empty cache with a compacted context whose heads may keep different numbers of
+    /// tokens: `tokens[l][h]` are head `h` of layer `l`'s tokens in position order. With `tmax`
+    /// the longest head, the cache's length becomes `tmax` and every head is right-aligned (see
+    /// the module docs), so the next token is appended at position `tmax` in every head. Each
+    /// head's first `sinks` tokens go to the f16 sink pages, the rest are quantized into the
+    /// pages. Heads of different lengths must each keep at least the `sinks` tokens; the cache
+    /// may have neither a window of recent tokens nor centered keys.
+    pub fn load_ragged(
+        &mut self,
+        gpu: &Gpu,
+        tokens: &[Vec<HeadTokens<'_>>],
+        status: &GpuVec<u32>,
+    ) -> Result<(), KvError> {
+        let c = self.config.clone();
+        let d = c.head_dim;
+        let bad = |what: String| Err(KvError::Config(what));
+        if self.len > 0 {
+            return bad(format!(
+                "a ragged load needs an empty cache; this one holds {} tokens",
+                self.len
+            ));
+        }
+        if c.recent > 0 || c.center_keys {
+            return bad(
+                "a ragged load takes a cache without a recent window or centered keys".into(),
+            );
+        }
+        if tokens.len() != c.n_layer || tokens.iter().any(|l| l.len() != c.n_kv_heads) {
+            return bad(format!(
+                "{} layers of {:?} heads given for a cache of {} layers × {} KV heads",
+                tokens.len(),
+                tokens.iter().map(|l| l.len()).collect::<Vec<_>>(),
+                c.n_layer,
+                c.n_kv_heads
+            ));
+        }
+        let mut lens = vec![vec![0usize; c.n_kv_heads]; c.n_layer];
+        for (l, layer) in tokens.iter().enumerate() {
+            for (h, ht) in layer.iter().enumerate() {
+                if ht.keys.len() % d != 0 || ht.values.len() != ht.keys.len() {
+                    return bad(format!(
+                        "layer {l} head {h}: {} key and {} value floats are not the same whole \
+                         number of {d}-vectors",
+                        ht.keys.len(),
+                        ht.values.len()
+                    ));
+                }
+                lens[l][h] = ht.keys.len() / d;
+            }
+        }
+        let tmax = lens.iter().flatten().copied().max().unwrap_or(0);
+        if tmax > c.capacity {
+            return Err(KvError::Full {
+                capacity: c.capacity,
+                len: 0,
+                more: tmax,
+            });
+        }
+        let ragged = lens.iter().flatten().any(|&t| t != tmax);
+        if ragged {
+            for (l, layer) in lens.iter().enumerate() {
+                if let Some((h, &t)) = layer.iter().enumerate().find(|&(_, &t)| t < c.sinks) {
+                    return bad(format!(
+                        "layer {l} head {h} keeps {t} tokens, fewer than the {} attention sinks: \
+                         when heads keep different numbers of tokens, every head keeps at least \
+                         the sinks (keep more tokens, or use fewer sinks)",
+                        c.sinks
+                    ));
+                }
+            }
+            if self.layer_heads.is_empty() {
+                self.layer_heads = (0..c.n_layer)
+                    .map(|l| gpu.zeros(&format!("kv heads {l}"), 2 * c.n_kv_heads))
+                    .collect();
+            }
+            self.offsets = Some(
+                lens.iter()
+                    .map(|layer| layer.iter().map(|&t| tmax - t).collect())
+                    .collect(),
+            );
+        } else {
+            self.offsets = None;
+        }
+        let first = self.begin_tokens(gpu, tmax)?;
+        debug_assert_eq!(first, 0);
+        let slots = c.n_kv_heads * c.capacity;
+        for (l, layer) in tokens.iter().enumerate() {
+            // Head-major: head h's tokens from vector `at[h]` on.
+            let k: Vec<f32> = layer.iter().flat_map(|ht| ht.keys).copied().collect();
+            let v: Vec<f32> = layer.iter().flat_map(|ht| ht.values).copied().collect();
+            if k.is_empty() {
+                continue;
+            }
+            let kb = gpu.upload("ragged keys", &k);
+            let vb = gpu.upload("ragged values", &v);
+            let lc = &self.layers[l];
+            let mut batch = gpu.batch("load ragged");
+            let mut at = 0;
+            for (h, &t) in lens[l].iter().enumerate() {
+                let o = tmax - t;
+                let n_main = t.saturating_sub(c.sinks);
+                if n_main > 0 {
+                    for (codec, xs, page) in [(&lc.k, &kb, &lc.k_page), (&lc.v, &vb, &lc.v_page)] {
+                        codec.encode_into(
+                            gpu,
+                            &mut batch,
+                            &EncodeArgs {
+                                xs: Input::F32(xs),
+                                src_offset: (at + c.sinks) * d,
+                                src_stride: d,
+                                n: n_main,
+                                page,
+                                capacity: slots,
+                                dst_first: h * c.capacity + o + c.sinks,
+                                status,
+                            },
+                        )?;
+                    }
+                }
+                let n_sink = c.sinks.min(t);
+                if n_sink > 0 {
+                    let args = |xs, page| EncodeArgs {
+                        xs: Input::F32(xs),
+                        src_offset: at * d,
+                        src_stride: d,
+                        n: n_sink,
+                        page,
+                        capacity: c.n_kv_heads * c.sinks,
+                        dst_first: h * c.sinks,
+                        status,
+                    };
+                    self.exact_k
+                        .encode_into(gpu, &mut batch, &args(&kb, &lc.sink_k_page))?;
+                    lc.v.encode_rotated_f16_into(gpu, &mut batch, &args(&vb, &lc.sink_v_page))?;
+                }
+                at += t;
+            }
+            batch.submit();
+        }
+        Ok(())
+    }
+
     /// Record `shaders/kv/center.wgsl`: the means of tokens `skip..n` of `k` into `mean`, or
     /// `k − mean` for tokens `0..n` into the centered scratch.
     #[allow(clippy::too_many_arguments)]
@@ -481,7 +694,11 @@ impl KvCache {
             k_page: &lc.k_page,
             v_page: &lc.v_page,
             capacity: c.n_kv_heads * c.capacity,
-            heads: &self.heads,
+            heads: if self.offsets.is_some() {
+                &self.layer_heads[layer]
+            } else {
+                &self.heads
+            },
             max_len: self.len,
             bias: self.bias.as_ref().map(|b| &b[layer].main),
             skip: c.sinks,
@@ -535,15 +752,17 @@ impl KvCache {
     /// reads it: codes plus scales of every vector in the compressed pages, in every layer, for
     /// keys and values (the pages' unused capacity is not counted), f16 keys and values of the
     /// sinks and of the window's tokens not yet in the pages, the key means (f32) and the
-    /// compaction biases.
+    /// compaction biases. Ragged heads count their own tokens only, never the slots before them.
     pub fn bytes(&self) -> u64 {
         let d = self.config.head_dim;
-        let per_head_tokens = self.paged_len();
         (0..self.config.n_layer)
             .map(|l| {
                 let f = self.config.format_of(l);
                 let bits = (f.k.bits_per_value(d) + f.v.bits_per_value(d)) * d as f64;
-                (bits * (per_head_tokens * self.config.n_kv_heads) as f64 / 8.0).ceil() as u64
+                let tokens: usize = (0..self.config.n_kv_heads)
+                    .map(|h| self.paged_len().saturating_sub(self.offset(l, h)))
+                    .sum();
+                (bits * tokens as f64 / 8.0).ceil() as u64
             })
             .sum::<u64>()
             + self.sink_bytes()
@@ -552,16 +771,20 @@ impl KvCache {
             + self.bias_bytes()
     }
 
-    /// Set the additive attention bias (compaction's β) of the first `len` tokens of every head
-    /// of `layer`: `bias` is `n_kv_heads × len`, head-major. Tokens without a bias (later ones)
-    /// get 0. The bias is stored as f32 and counted in [`KvCache::bytes`].
-    pub fn set_bias(&mut self, gpu: &Gpu, layer: usize, bias: &[f32]) -> Result<(), KvError> {
+    /// Set the additive attention bias (compaction's β) of `layer`: `bias[h]` for the first
+    /// `bias[h].len()` tokens of KV head `h` (of a ragged head, its own first tokens, at its own
+    /// slots). Tokens without a bias (later ones) get 0. The bias is stored as f32 and counted in
+    /// [`KvCache::bytes`], per layer and head as given.
+    pub fn set_bias(&mut self, gpu: &Gpu, layer: usize, bias: &[&[f32]]) -> Result<(), KvError> {
         let c = &self.config;
-        let len = bias.len() / c.n_kv_heads.max(1);
-        if layer >= c.n_layer || bias.len() != len * c.n_kv_heads || len > c.capacity {
+        let fits = layer < c.n_layer
+            && bias.len() == c.n_kv_heads
+            && (bias.iter().enumerate())
+                .all(|(h, b)| self.offset(layer, h) + b.len() <= c.capacity);
+        if !fits {
             return Err(KvError::Config(format!(
-                "bias of {} floats for layer {layer}: {} layers, {} heads, capacity {}",
-                bias.len(),
+                "biases of {:?} tokens per head for layer {layer}: {} layers, {} heads, capacity {}",
+                bias.iter().map(|b| b.len()).collect::<Vec<_>>(),
                 c.n_layer,
                 c.n_kv_heads,
                 c.capacity
@@ -578,35 +801,39 @@ impl KvCache {
                     })
                     .collect(),
             );
+            self.bias_lens = vec![vec![0; c.n_kv_heads]; c.n_layer];
         }
         let lb = &self.bias.as_ref().expect("allocated above")[layer];
         let mut main = vec![0f32; c.n_kv_heads * c.capacity];
         let mut sinks = vec![0f32; (c.n_kv_heads * c.sinks).max(1)];
-        for h in 0..c.n_kv_heads {
-            let src = &bias[h * len..(h + 1) * len];
-            main[h * c.capacity..h * c.capacity + len].copy_from_slice(src);
-            let n_sink = c.sinks.min(len);
+        for (h, src) in bias.iter().enumerate() {
+            let at = h * c.capacity + self.offset(layer, h);
+            main[at..at + src.len()].copy_from_slice(src);
+            let n_sink = c.sinks.min(src.len());
             sinks[h * c.sinks..h * c.sinks + n_sink].copy_from_slice(&src[..n_sink]);
         }
         lb.main.write(gpu, &main);
         lb.sinks.write(gpu, &sinks);
-        self.bias_tokens = self.bias_tokens.max(len);
+        self.bias_lens[layer] = bias.iter().map(|b| b.len()).collect();
         Ok(())
     }
 
     /// Bytes of the compaction biases (one f32 per biased token, head and layer).
     pub fn bias_bytes(&self) -> u64 {
-        let c = &self.config;
         if self.bias.is_none() {
             return 0;
         }
-        (c.n_layer * c.n_kv_heads * self.bias_tokens * 4) as u64
+        4 * self.bias_lens.iter().flatten().sum::<usize>() as u64
     }
 
     /// Bytes of the full-precision sink copies (f16 keys and values).
     pub fn sink_bytes(&self) -> u64 {
         let c = &self.config;
-        (c.n_layer * c.n_kv_heads * self.len.min(c.sinks) * 2 * c.head_dim * 2) as u64
+        let tokens: usize = (0..c.n_layer)
+            .flat_map(|l| (0..c.n_kv_heads).map(move |h| (l, h)))
+            .map(|(l, h)| self.head_len(l, h).min(c.sinks))
+            .sum();
+        (tokens * 2 * c.head_dim * 2) as u64
     }
 
     /// Bytes of the window of recent tokens (f16 keys and values): the tokens past the sinks not
@@ -629,10 +856,10 @@ impl KvCache {
         }
     }
 
-    /// Bytes an f16 cache would need for the same tokens.
+    /// Bytes an f16 cache would need for the same tokens (keys and values of every head's own
+    /// tokens, [`KvCache::stored_tokens`]).
     pub fn bytes_f16(&self) -> u64 {
-        let c = &self.config;
-        (2 * c.n_layer * c.n_kv_heads * self.len * c.head_dim * 2) as u64
+        (2 * self.stored_tokens() * self.config.head_dim * 2) as u64
     }
 
     /// Stored bits per value: [`KvCache::bytes`] over every key and value of the stored tokens,
@@ -640,7 +867,7 @@ impl KvCache {
     pub fn bits_per_value(&self) -> f64 {
         let c = &self.config;
         if self.len > 0 {
-            let values = 2 * c.n_layer * c.n_kv_heads * self.len * c.head_dim;
+            let values = 2 * self.stored_tokens() * c.head_dim;
             return 8.0 * self.bytes() as f64 / values as f64;
         }
         let d = self.config.head_dim;
@@ -656,8 +883,9 @@ impl KvCache {
         self.paged = 0;
         self.entering = 0..0;
         self.mean_append = None;
+        self.offsets = None;
         self.bias = None;
-        self.bias_tokens = 0;
+        self.bias_lens.clear();
         self.write_heads(gpu, 0);
     }
 }

@@ -9,7 +9,7 @@ use super::weights::{load_f32, QTensor, WeightError};
 use crate::attention::{decode_attention_into, AttentionScratch, AttentionShape};
 use crate::compact::Captured;
 use crate::gpu::{Gpu, GpuError, GpuVec};
-use crate::kv::{KvCache, KvConfig, KvError, KvRecipe};
+use crate::kv::{HeadTokens, KvCache, KvConfig, KvError, KvRecipe};
 
 /// Tokens per prefill chunk.
 pub const CHUNK: usize = crate::kv::MAX_APPEND;
@@ -279,9 +279,10 @@ impl<'m> Session<'m> {
     }
 
     /// A session whose cache starts as a compacted context: every head's kept keys (with their
-    /// RoPE), values and biases, stored as `recipe` says (a format with sinks; no window, no centering); new tokens continue at position
-    /// `compacted.context_len`. `extra` tokens of room follow. Every head must keep the same
-    /// number of tokens.
+    /// RoPE), values and biases, stored as `recipe` says (a format with sinks; no window, no
+    /// centering); new tokens continue at position `compacted.context_len`. `extra` tokens of
+    /// room follow. Heads may keep different numbers of tokens ([`KvCache::load_ragged`]: no
+    /// padding is stored or counted); heads of different lengths each keep at least the sinks.
     pub fn from_compacted(
         gpu: &Gpu,
         model: &'m Llama,
@@ -311,44 +312,51 @@ impl<'m> Session<'m> {
                 c.head_dim
             )));
         }
-        let t = compacted.uniform_len().ok_or_else(|| {
-            bad("the compacted context's heads keep different numbers of tokens".into())
-        })?;
-        if t > compacted.context_len {
+        let d = c.head_dim;
+        for (l, heads) in compacted.layers.iter().enumerate() {
+            for (h, hc) in heads.iter().enumerate() {
+                let t = hc.len();
+                if hc.keys.len() != t * d || hc.values.len() != t * d || hc.bias.len() != t {
+                    return Err(bad(format!(
+                        "layer {l} head {h} of the compacted context: {t} positions, {} key, {} \
+                         value and {} bias floats (head_dim {d})",
+                        hc.keys.len(),
+                        hc.values.len(),
+                        hc.bias.len()
+                    )));
+                }
+            }
+        }
+        let tmax = compacted.max_len();
+        if tmax > compacted.context_len {
             return Err(bad(format!(
-                "{t} kept tokens for a context of {}",
+                "{tmax} kept tokens in a head for a context of {}",
                 compacted.context_len
             )));
         }
-        let mut s = Session::new(gpu, model, recipe, t + extra)?;
-        if t == 0 {
-            s.position_offset = compacted.context_len;
-            return Ok(s);
-        }
-        let (nkv, d) = (c.n_head_kv, c.head_dim);
-        let first = s.cache.begin_tokens(gpu, t)?;
+        let mut s = Session::new(gpu, model, recipe, tmax + extra)?;
+        let tokens: Vec<Vec<HeadTokens<'_>>> = compacted
+            .layers
+            .iter()
+            .map(|heads| {
+                heads
+                    .iter()
+                    .map(|hc| HeadTokens {
+                        keys: &hc.keys,
+                        values: &hc.values,
+                    })
+                    .collect()
+            })
+            .collect();
+        s.cache.load_ragged(gpu, &tokens, &s.status)?;
         for (l, heads) in compacted.layers.iter().enumerate() {
-            // Token-major, as the forward pass writes them.
-            let mut k = vec![0f32; t * nkv * d];
-            let mut v = vec![0f32; t * nkv * d];
-            for (h, hc) in heads.iter().enumerate() {
-                for i in 0..t {
-                    k[(i * nkv + h) * d..][..d].copy_from_slice(&hc.keys[i * d..][..d]);
-                    v[(i * nkv + h) * d..][..d].copy_from_slice(&hc.values[i * d..][..d]);
-                }
-            }
-            let kb = gpu.upload("compacted keys", &k);
-            let vb = gpu.upload("compacted values", &v);
-            let mut b = gpu.batch("load compacted");
-            s.cache
-                .append_into(gpu, &mut b, l, first, t, &kb, &vb, &s.status)?;
-            b.submit();
             if heads.iter().any(|h| h.bias.iter().any(|&x| x != 0.0)) {
-                let bias: Vec<f32> = heads.iter().flat_map(|h| h.bias.iter().copied()).collect();
+                let bias: Vec<&[f32]> = heads.iter().map(|h| &h.bias[..]).collect();
                 s.cache.set_bias(gpu, l, &bias)?;
             }
         }
-        s.position_offset = compacted.context_len - t;
+        // The cache's length is the longest head's; every head's next token is at that slot.
+        s.position_offset = compacted.context_len - tmax;
         Ok(s)
     }
 
