@@ -8,7 +8,8 @@ mod common;
 
 use kvpack::codec::KvFormat;
 use kvpack::compact::{
-    compact_context, CompactedContext, ContextShape, FitOptions, HeadCompaction, Method,
+    compact_context, CompactedContext, ContextShape, FitOptions, HeadBudgets, HeadCompaction, Job,
+    Method, BUDGET_FACTORS, MIN_HEAD_TOKENS,
 };
 use kvpack::kv::KvRecipe;
 use kvpack::model::llama::{Llama, Logits, Session};
@@ -99,7 +100,15 @@ fn compacted_sessions_continue_from_the_context() {
             head_dim: d,
         };
         let budget = t / 2;
-        let jobs = [(Method::Am, budget), (Method::Streaming, budget)];
+        let jobs = [
+            Job::uniform(Method::Am, budget),
+            Job::uniform(Method::Streaming, budget),
+            Job {
+                method: Method::AmMixWindow,
+                budget,
+                head_budgets: HeadBudgets::Sensitivity,
+            },
+        ];
         let (out, timings) = pollster::block_on(compact_context(
             &gpu,
             shape,
@@ -110,7 +119,7 @@ fn compacted_sessions_continue_from_the_context() {
             &FitOptions::default(),
         ))
         .unwrap();
-        assert_eq!(timings.fit_s.len(), 2);
+        assert_eq!(timings.fit_s.len(), 3);
         let am = &out[0];
         assert_eq!(am.uniform_len(), Some(budget));
         assert!(am
@@ -169,6 +178,27 @@ fn compacted_sessions_continue_from_the_context() {
         };
         assert_eq!(greedy(&loaded), greedy(am));
         shared_tokens.push((gpu.backend_name().to_string(), greedy(&first_backends)));
+        // Per-head budgets: within the job's total, each head at one of the candidate sizes,
+        // and the ragged result runs.
+        let sens = &out[2];
+        let total: usize = sens.total_tokens();
+        assert!(total <= budget * c.n_layer * c.n_head_kv, "{total}");
+        assert!(total >= budget * c.n_layer * c.n_head_kv / 2, "{total}");
+        let mut sizes: Vec<usize> = BUDGET_FACTORS
+            .iter()
+            .map(|f| ((budget as f64 * f).round() as usize).clamp(MIN_HEAD_TOKENS, t))
+            .collect();
+        sizes.dedup();
+        assert!(sens
+            .layers
+            .iter()
+            .flatten()
+            .all(|h| sizes.contains(&h.len())));
+        let mut s =
+            Session::from_compacted(&gpu, &model, &KvRecipe::plain(turbo, 4), sens, 8).unwrap();
+        assert_eq!(s.cache().stored_tokens(), total);
+        let logits = pollster::block_on(s.forward(&gpu, next, Logits::All)).unwrap();
+        assert!(logits.iter().all(|x| x.is_finite()));
         // Streaming keeps the sinks and the latest tokens, no biases.
         let st = &out[1];
         assert_eq!(st.layers[0][0].positions[..4], [0, 1, 2, 3]);

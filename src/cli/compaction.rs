@@ -8,7 +8,7 @@ use clap::Args;
 use kvpack::codec::KvFormat;
 use kvpack::compact::{
     compact_context, Captured, CompactTimings, CompactedContext, ContextShape, FitOptions,
-    HeadCompaction, Method,
+    HeadBudgets, HeadCompaction, Job, Method,
 };
 use kvpack::gpu::Gpu;
 use kvpack::kv::KvRecipe;
@@ -24,6 +24,25 @@ pub struct FitArgs {
     /// am-window, am-mix-window: the share of each head's budget kept as an exact recent window.
     #[arg(long, default_value_t = FitOptions::default().recent_fraction, value_parser = parse_fraction)]
     recent_fraction: f64,
+}
+
+/// `--head-budgets`: how Attention Matching shares a job's tokens among heads. `uniform` keeps
+/// the same number in every head; `sensitivity` fits each head at 0.5x, 1x, 2x and 3x the
+/// budget and gives tokens to the heads whose fit error drops most per token, within the same
+/// total (the cache stores heads ragged, so the bytes saved are real).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BudgetArg {
+    Uniform,
+    Sensitivity,
+}
+
+impl From<BudgetArg> for HeadBudgets {
+    fn from(b: BudgetArg) -> HeadBudgets {
+        match b {
+            BudgetArg::Uniform => HeadBudgets::Uniform,
+            BudgetArg::Sensitivity => HeadBudgets::Sensitivity,
+        }
+    }
 }
 
 impl FitArgs {
@@ -57,7 +76,8 @@ pub struct CompactionArgs {
     /// Compaction ratios: tokens per head kept = context / ratio.
     #[arg(long, value_delimiter = ',', default_value = "5,10,20,50")]
     ratios: Vec<f64>,
-    /// Methods: am, am-window, am-mix, am-mix-window, h2o, snapkv, streaming.
+    /// Methods: am, am-window, am-mix, am-mix-window, am-ctx, am-ctx-window, h2o, snapkv,
+    /// streaming.
     #[arg(
         long,
         value_delimiter = ',',
@@ -75,6 +95,10 @@ pub struct CompactionArgs {
     sinks: usize,
     #[command(flatten)]
     fit: FitArgs,
+    /// How Attention Matching shares each job's tokens among heads: `uniform`, `sensitivity`,
+    /// or both (`uniform,sensitivity`: a row for each).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "uniform")]
+    head_budgets: Vec<BudgetArg>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -83,9 +107,11 @@ pub struct CompactionArgs {
 #[derive(Serialize)]
 struct Row {
     method: String,
+    head_budgets: String,
     ratio: f64,
     kv: String,
     tokens_per_head: usize,
+    tokens_kept: usize,
     ppl: f64,
     gap_recovered: f64,
     recall_ppl: f64,
@@ -118,7 +144,7 @@ pub fn compact_tokens(
     gpu: &Gpu,
     loaded: &Loaded,
     context: &[u32],
-    jobs: &[(Method, usize)],
+    jobs: &[Job],
     reference_positions: usize,
     sinks: usize,
     fit: &FitOptions,
@@ -151,7 +177,7 @@ pub fn compact_tokens(
     pollster::block_on(session.forward(gpu, context, Logits::Last))?;
     let captured = session.take_capture().expect("capture started");
     let prefill_s = t.elapsed().as_secs_f64();
-    let needs_ref = jobs.iter().any(|(m, _)| m.needs_reference_queries());
+    let needs_ref = jobs.iter().any(|j| j.method.needs_reference_queries());
     let mut repeat_s = 0.0;
     let reference = if needs_ref {
         log("reference queries: repeat-the-context prefill");
@@ -290,10 +316,23 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     for &m in &methods {
         for &r in &a.ratios {
             let budget = ((a.context as f64 / r).round() as usize).max(1);
-            jobs.push((m, budget, r));
+            for &hb in &a.head_budgets {
+                // The baselines keep the same tokens in every head.
+                if hb == BudgetArg::Sensitivity && !m.is_attention_matching() {
+                    continue;
+                }
+                jobs.push((
+                    Job {
+                        method: m,
+                        budget,
+                        head_budgets: hb.into(),
+                    },
+                    r,
+                ));
+            }
         }
     }
-    let job_list: Vec<(Method, usize)> = jobs.iter().map(|&(m, b, _)| (m, b)).collect();
+    let job_list: Vec<Job> = jobs.iter().map(|&(j, _)| j).collect();
     let fit = a.fit.options();
     let run = compact_tokens(
         &gpu,
@@ -351,7 +390,8 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     let kv_bytes_f16_full = (2 * c.n_layer * c.n_head_kv * a.context * c.head_dim * 2) as u64;
     let gap = |none: f64, full: f64, x: f64| (none - x) / (none - full);
     let mut rows = Vec::new();
-    for (j, &(m, budget, r)) in jobs.iter().enumerate() {
+    for (j, &(job, r)) in jobs.iter().enumerate() {
+        let (m, budget) = (job.method, job.budget);
         let scores_s = match m {
             m if m.mixes_references() => {
                 repeat_s + timings.reference_scores_s + timings.context_scores_s
@@ -374,9 +414,14 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
             )?;
             rows.push(Row {
                 method: m.to_string(),
+                head_budgets: match job.head_budgets {
+                    HeadBudgets::Uniform => "uniform".into(),
+                    HeadBudgets::Sensitivity => "sensitivity".into(),
+                },
                 ratio: r,
                 kv: f.to_string(),
                 tokens_per_head: budget,
+                tokens_kept: compacted[j].total_tokens(),
                 ppl: got.ppl,
                 gap_recovered: gap(m_none.ppl, m_full.ppl, got.ppl),
                 recall_ppl: got.recall,
@@ -432,13 +477,14 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
                 .join("/")
         );
         println!(
-            "{:<10} {:>6} {:<8} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",
-            "method", "ratio", "kv", "ppl", "gap", "recall", "gap", "KV bytes", "seconds"
+            "{:<14} {:<11} {:>6} {:<8} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",
+            "method", "heads", "ratio", "kv", "ppl", "gap", "recall", "gap", "KV bytes", "seconds"
         );
         for r in &rows {
             println!(
-                "{:<10} {:>6} {:<8} {:>9.3} {:>6.3} {:>9.3} {:>6.3} {:>10} {:>8.1}",
+                "{:<14} {:<11} {:>6} {:<8} {:>9.3} {:>6.3} {:>9.3} {:>6.3} {:>10} {:>8.1}",
                 r.method,
+                r.head_budgets,
                 r.ratio,
                 r.kv,
                 r.ppl,
@@ -466,11 +512,15 @@ pub struct CompactArgs {
     /// Compaction ratio: tokens per head kept = context / ratio.
     #[arg(long)]
     ratio: f64,
-    /// Method: am, am-window, am-mix, am-mix-window, h2o, snapkv, streaming.
+    /// Method: am, am-window, am-mix, am-mix-window, am-ctx, am-ctx-window, h2o, snapkv,
+    /// streaming.
     #[arg(long, default_value = "am")]
     method: String,
     #[command(flatten)]
     fit: FitArgs,
+    /// How Attention Matching shares the tokens among heads: uniform or sensitivity.
+    #[arg(long, value_enum, default_value_t = BudgetArg::Uniform)]
+    head_budgets: BudgetArg,
     /// KV format the compacted tokens are stored in when the file is loaded.
     #[arg(long, default_value = "f32")]
     kv: String,
@@ -511,7 +561,11 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
         &gpu,
         &loaded,
         context,
-        &[(method, budget)],
+        &[Job {
+            method,
+            budget,
+            head_budgets: a.head_budgets.into(),
+        }],
         a.reference_positions,
         4,
         &a.fit.options(),

@@ -1,8 +1,9 @@
 //! Compaction of a whole context: every layer and KV head, several (method, budget) jobs at once
 //! so the scores, the costly part, are computed once per head and shared.
 
-use super::{compact_head, head_scores, CompactError, CompactedContext, FitOptions, HeadInputs};
-use super::{HeadScores, Method, SNAPKV_WINDOW};
+use super::{allocate_budgets, compact_head, fit_error, head_scores, CompactError};
+use super::{CompactedContext, FitOptions, HeadBudgets, HeadCompaction, HeadInputs, Job};
+use super::{HeadScores, Method, BUDGET_FACTORS, MIN_HEAD_TOKENS, SNAPKV_WINDOW};
 
 /// Post-RoPE queries, keys and values of every layer, recorded while a model read a text.
 #[derive(Clone, Debug, Default)]
@@ -77,8 +78,12 @@ fn spread(total: usize, n: usize) -> Vec<usize> {
     (0..n).map(|i| i * total / n).collect()
 }
 
+/// Candidate compactions of one head at several sizes, with their [`fit_error`].
+type Candidates = Vec<(usize, f64, HeadCompaction)>;
+
 /// Compact the context recorded in `context` (its keys, values and own queries) for every job
-/// `(method, tokens kept per head)`. `reference` holds the reference queries (Attention
+/// ([`Job`]). With [`HeadBudgets::Sensitivity`], Attention Matching
+/// jobs keep that many tokens per head on average, shared among heads by measured error. `reference` holds the reference queries (Attention
 /// Matching's "repeat the context" prefill), of which at most `max_reference_positions`
 /// evenly spaced positions are used per KV head (all query heads of its group at each).
 pub async fn compact_context(
@@ -86,7 +91,7 @@ pub async fn compact_context(
     shape: ContextShape,
     context: &Captured,
     reference: Option<&Captured>,
-    jobs: &[(Method, usize)],
+    jobs: &[Job],
     max_reference_positions: usize,
     opts: &FitOptions,
 ) -> Result<(Vec<CompactedContext>, CompactTimings), CompactError> {
@@ -100,10 +105,10 @@ pub async fn compact_context(
             shape.n_layer
         )));
     }
-    let needs_ref = jobs.iter().any(|(m, _)| m.needs_reference_queries());
-    let needs_h2o = jobs.iter().any(|(m, _)| m.needs_context_queries());
-    let needs_mix = jobs.iter().any(|(m, _)| m.mixes_references());
-    let needs_snap = jobs.iter().any(|(m, _)| *m == Method::SnapKv);
+    let needs_ref = jobs.iter().any(|j| j.method.needs_reference_queries());
+    let needs_h2o = jobs.iter().any(|j| j.method.needs_context_queries());
+    let needs_mix = jobs.iter().any(|j| j.method.mixes_references());
+    let needs_snap = jobs.iter().any(|j| j.method == Method::SnapKv);
     let reference = match (needs_ref, reference) {
         (true, None) => {
             return Err(CompactError::Invalid(
@@ -132,6 +137,14 @@ pub async fn compact_context(
         fit_s: vec![0.0; jobs.len()],
         ..Default::default()
     };
+    // Per job with sensitivity budgets, every head's candidates, layer-major.
+    let mut candidates: Vec<Option<Vec<Candidates>>> = jobs
+        .iter()
+        .map(|job| {
+            (job.head_budgets == HeadBudgets::Sensitivity && job.method.is_attention_matching())
+                .then(Vec::new)
+        })
+        .collect();
     let mut out: Vec<CompactedContext> = jobs
         .iter()
         .map(|_| CompactedContext {
@@ -187,18 +200,55 @@ pub async fn compact_context(
                 reference: mixed.as_ref(),
                 ..inputs
             };
-            for (j, &(method, budget)) in jobs.iter().enumerate() {
+            let context_inputs = HeadInputs {
+                reference: ctx_scores.as_ref(),
+                ..inputs
+            };
+            for (j, &Job { method, budget, .. }) in jobs.iter().enumerate() {
                 let s = now_s();
                 let which = if method.mixes_references() {
                     &mixed_inputs
+                } else if method.fits_context_queries() {
+                    &context_inputs
                 } else {
                     &inputs
                 };
-                let hc = compact_head(method, which, budget, opts)?;
+                if let (Some(per_head), Some(refs)) = (&mut candidates[j], which.reference) {
+                    let mut sizes: Vec<usize> = BUDGET_FACTORS
+                        .iter()
+                        .map(|f| {
+                            ((budget as f64 * f).round() as usize)
+                                .clamp(MIN_HEAD_TOKENS.min(t_ctx), t_ctx)
+                        })
+                        .collect();
+                    sizes.dedup();
+                    let mut c: Candidates = Vec::with_capacity(sizes.len());
+                    for t in sizes {
+                        let hc = compact_head(method, which, t, opts)?;
+                        c.push((hc.len(), fit_error(refs, &hc, d), hc));
+                    }
+                    per_head.push(c);
+                } else {
+                    let hc = compact_head(method, which, budget, opts)?;
+                    out[j].layers[l].push(hc);
+                }
                 timings.fit_s[j] += now_s() - s;
-                out[j].layers[l].push(hc);
             }
         }
+    }
+    for (j, c) in candidates.into_iter().enumerate() {
+        let Some(per_head) = c else { continue };
+        let s = now_s();
+        let sizes: Vec<Vec<(usize, f64)>> = per_head
+            .iter()
+            .map(|c| c.iter().map(|(t, e, _)| (*t, *e)).collect())
+            .collect();
+        let total = jobs[j].budget.min(t_ctx) * per_head.len();
+        let pick = allocate_budgets(&sizes, total);
+        for (i, (mut c, k)) in per_head.into_iter().zip(pick).enumerate() {
+            out[j].layers[i / nkv].push(c.swap_remove(k).2);
+        }
+        timings.fit_s[j] += now_s() - s;
     }
     Ok((out, timings))
 }

@@ -23,6 +23,10 @@ mod scores;
 
 pub use context::{compact_context, Captured, CompactTimings, ContextShape};
 
+/// Smallest head a [`HeadBudgets::Sensitivity`] allocation gives: twice the sinks, so a window
+/// method keeps its sinks and fits at least as many tokens.
+pub const MIN_HEAD_TOKENS: usize = 2 * SINK_TOKENS;
+
 pub use fit::{nnls, ridge_toward};
 pub use scores::{head_scores, head_scores_with, reference_head_scores, HeadScores, ScoresKernel};
 
@@ -36,7 +40,7 @@ pub const BIAS_LIMIT: f64 = 10.0;
 pub enum CompactError {
     /// A method name that is not known.
     #[error(
-        "unknown compaction method {0:?}: use am, am-window, am-mix, am-mix-window, h2o, snapkv or streaming"
+        "unknown compaction method {0:?}: use am, am-window, am-mix, am-mix-window, am-ctx, am-ctx-window, h2o, snapkv or streaming"
     )]
     UnknownMethod(String),
     /// Inconsistent inputs.
@@ -62,6 +66,11 @@ pub enum Method {
     /// fitted rest: the recent tokens a continuation leans on stay exact (as in H2O), the older
     /// ones are chosen and fitted for the queries of both a re-read and a continuation.
     AmMixWindow,
+    /// Attention Matching whose reference queries are the context's own (causal) queries only:
+    /// no repeat prefill, so it compacts in a fraction of the time of the other variants.
+    AmCtx,
+    /// `am-window`'s exact sinks and recent window with `am-ctx`'s reference queries.
+    AmCtxWindow,
     /// H2O: heavy hitters by accumulated attention over the context's own queries + a recent window.
     H2o,
     /// SnapKV: keys the last [`SNAPKV_WINDOW`] positions attend to (max-pooled) + that window.
@@ -78,6 +87,8 @@ impl std::str::FromStr for Method {
             "am-window" => Method::AmWindow,
             "am-mix" => Method::AmMix,
             "am-mix-window" => Method::AmMixWindow,
+            "am-ctx" => Method::AmCtx,
+            "am-ctx-window" => Method::AmCtxWindow,
             "h2o" => Method::H2o,
             "snapkv" => Method::SnapKv,
             "streaming" | "streamingllm" => Method::Streaming,
@@ -93,6 +104,8 @@ impl std::fmt::Display for Method {
             Method::AmWindow => "am-window",
             Method::AmMix => "am-mix",
             Method::AmMixWindow => "am-mix-window",
+            Method::AmCtx => "am-ctx",
+            Method::AmCtxWindow => "am-ctx-window",
             Method::H2o => "h2o",
             Method::SnapKv => "snapkv",
             Method::Streaming => "streaming",
@@ -101,23 +114,49 @@ impl std::fmt::Display for Method {
 }
 
 impl Method {
-    /// Whether the method reads the reference queries (Attention Matching) rather than only the
-    /// context's own queries.
-    pub fn needs_reference_queries(self) -> bool {
+    /// Whether the method fits β and values (Attention Matching) rather than keeping original
+    /// tokens (the eviction baselines).
+    pub fn is_attention_matching(self) -> bool {
         matches!(
             self,
-            Method::Am | Method::AmWindow | Method::AmMix | Method::AmMixWindow
+            Method::Am
+                | Method::AmWindow
+                | Method::AmMix
+                | Method::AmMixWindow
+                | Method::AmCtx
+                | Method::AmCtxWindow
         )
+    }
+
+    /// Whether the method reads the reference queries of the repeat-the-context prefill.
+    pub fn needs_reference_queries(self) -> bool {
+        self.is_attention_matching() && !self.fits_context_queries()
     }
 
     /// Whether the method reads the context's own queries (every position).
     pub fn needs_context_queries(self) -> bool {
-        matches!(self, Method::H2o | Method::AmMix | Method::AmMixWindow)
+        matches!(
+            self,
+            Method::H2o | Method::AmMix | Method::AmMixWindow | Method::AmCtx | Method::AmCtxWindow
+        )
     }
 
     /// Whether the method's reference set is the repeat prefill's queries and the context's own.
     pub fn mixes_references(self) -> bool {
         matches!(self, Method::AmMix | Method::AmMixWindow)
+    }
+
+    /// Whether the method's reference set is the context's own queries alone.
+    pub fn fits_context_queries(self) -> bool {
+        matches!(self, Method::AmCtx | Method::AmCtxWindow)
+    }
+
+    /// Whether the method keeps the sinks and a recent window exact.
+    pub fn keeps_window(self) -> bool {
+        matches!(
+            self,
+            Method::AmWindow | Method::AmMixWindow | Method::AmCtxWindow
+        )
     }
 }
 
@@ -127,6 +166,23 @@ pub const SINK_TOKENS: usize = 4;
 pub const SNAPKV_WINDOW: usize = 32;
 /// SnapKV's max-pooling kernel over key positions.
 pub const SNAPKV_POOL: usize = 7;
+
+/// How a compaction job's tokens are shared among the heads of every layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HeadBudgets {
+    /// Every head keeps the job's budget.
+    #[default]
+    Uniform,
+    /// Attention Matching only: each head is fitted at [`BUDGET_FACTORS`] × the budget, and
+    /// the sizes are chosen greedily, largest drop of [`fit_error`] per token first, so that
+    /// the heads keep the job's budget on average (at most). Heads whose attention a few keys
+    /// reproduce give tokens to heads that need more. The cache stores heads ragged, so the
+    /// bytes saved are real.
+    Sensitivity,
+}
+
+/// The head sizes [`HeadBudgets::Sensitivity`] chooses among, as multiples of the job's budget.
+pub const BUDGET_FACTORS: [f64; 4] = [0.5, 1.0, 2.0, 3.0];
 
 /// Knobs of the Attention Matching fit.
 #[derive(Clone, Copy, Debug)]
@@ -139,12 +195,110 @@ pub struct FitOptions {
     pub recent_fraction: f64,
 }
 
+/// One compaction that [`compact_context`] computes: a method, the tokens each head keeps (on
+/// average, with [`HeadBudgets::Sensitivity`]) and how they are shared among heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Job {
+    /// The method.
+    pub method: Method,
+    /// Tokens per head.
+    pub budget: usize,
+    /// How the tokens are shared among heads.
+    pub head_budgets: HeadBudgets,
+}
+
+impl Job {
+    /// `budget` tokens in every head.
+    pub fn uniform(method: Method, budget: usize) -> Job {
+        Job {
+            method,
+            budget,
+            head_budgets: HeadBudgets::Uniform,
+        }
+    }
+}
+
 impl Default for FitOptions {
     fn default() -> Self {
         FitOptions {
             nnls_sweeps: 300,
             value_ridge: 1e-3,
             recent_fraction: 0.25,
+        }
+    }
+}
+
+/// How far a compacted head is from the full one on the reference rows `refs` (at most 1,024 of
+/// them, evenly spaced): the relative attention-output error Σ‖ŷ_i − y_i‖² / Σ‖y_i‖² plus the
+/// mean squared relative mass error (m̂_i / m_i − 1)². `hc` keeps original keys (its positions
+/// index `refs`' keys) with fitted β and values, as every method here does.
+pub fn fit_error(refs: &HeadScores, hc: &HeadCompaction, d: usize) -> f64 {
+    let step = refs.n_q.div_ceil(1024).max(1);
+    let w: Vec<f64> = hc.bias.iter().map(|&b| (b as f64).exp()).collect();
+    let (mut out_err, mut out_norm, mut mass_err, mut rows) = (0.0, 0.0, 0.0, 0usize);
+    let mut yh = vec![0f64; d];
+    for i in (0..refs.n_q).step_by(step) {
+        let sum = refs.sum[i] as f64;
+        if sum <= 0.0 {
+            continue;
+        }
+        let erow = &refs.e[i * refs.n_k..(i + 1) * refs.n_k];
+        yh.fill(0.0);
+        let mut mass = 0.0;
+        for (c, &p) in hc.positions.iter().enumerate() {
+            let a = erow[p as usize] as f64 * w[c];
+            if a != 0.0 {
+                mass += a;
+                for (o, &v) in yh.iter_mut().zip(&hc.values[c * d..][..d]) {
+                    *o += a * v as f64;
+                }
+            }
+        }
+        let y = &refs.y[i * d..][..d];
+        for (o, &t) in yh.iter().zip(y) {
+            let got = if mass > 0.0 { o / mass } else { 0.0 };
+            out_err += (got - t as f64).powi(2);
+            out_norm += (t as f64).powi(2);
+        }
+        mass_err += (mass / sum - 1.0).powi(2);
+        rows += 1;
+    }
+    if rows == 0 {
+        return 0.0;
+    }
+    out_err / out_norm.max(1e-30) + mass_err / rows as f64
+}
+
+/// Per head, the candidate sizes' `(tokens, error)`, ascending in tokens: pick one each so that
+/// the tokens sum to at most `total`, greedily taking the step with the largest error drop per
+/// token. Starts from every head's smallest candidate. Returns the chosen index per head.
+pub fn allocate_budgets(candidates: &[Vec<(usize, f64)>], total: usize) -> Vec<usize> {
+    let mut pick = vec![0usize; candidates.len()];
+    let mut used: usize = candidates
+        .iter()
+        .map(|c| c.first().map_or(0, |x| x.0))
+        .sum();
+    loop {
+        let mut best: Option<(usize, usize, f64)> = None;
+        for (h, c) in candidates.iter().enumerate() {
+            let (t0, e0) = c[pick[h]];
+            for (k, &(t, e)) in c.iter().enumerate().skip(pick[h] + 1) {
+                let dt = t.saturating_sub(t0);
+                if dt == 0 || used + dt > total {
+                    continue;
+                }
+                let gain = (e0 - e) / dt as f64;
+                if gain > 0.0 && best.is_none_or(|b| gain > b.2) {
+                    best = Some((h, k, gain));
+                }
+            }
+        }
+        match best {
+            Some((h, k, _)) => {
+                used += candidates[h][k].0 - candidates[h][pick[h]].0;
+                pick[h] = k;
+            }
+            None => return pick,
         }
     }
 }
@@ -416,7 +570,8 @@ pub struct HeadInputs<'a> {
     pub context: Option<&'a HeadScores>,
     /// Query rows per position in `context` (query heads sharing this KV head).
     pub rows_per_position: usize,
-    /// Reference queries (Attention Matching; for `am-mix` and `am-mix-window`, the mixed set).
+    /// Reference queries (Attention Matching; for `am-mix` and `am-mix-window`, the mixed set;
+    /// for `am-ctx` and `am-ctx-window`, the context's own queries).
     pub reference: Option<&'a HeadScores>,
 }
 
@@ -467,10 +622,14 @@ pub fn compact_head(
             let obs = SNAPKV_WINDOW * inputs.rows_per_position.max(1);
             keep(select_snapkv(need(inputs.context, "context")?, obs, budget))
         }
-        Method::Am | Method::AmWindow | Method::AmMix | Method::AmMixWindow => {
+        Method::Am
+        | Method::AmWindow
+        | Method::AmMix
+        | Method::AmMixWindow
+        | Method::AmCtx
+        | Method::AmCtxWindow => {
             let refs = need(inputs.reference, "reference")?;
-            let fixed_idx: Vec<usize> = if matches!(method, Method::AmWindow | Method::AmMixWindow)
-            {
+            let fixed_idx: Vec<usize> = if method.keeps_window() {
                 let sinks = SINK_TOKENS.min(budget / 2);
                 let recent = ((budget as f64 * opts.recent_fraction) as usize)
                     .min(budget - sinks)

@@ -284,6 +284,8 @@ fn method_names_round_trip_and_route_their_queries() {
         ("am-window", true, false, false),
         ("am-mix", true, true, true),
         ("am-mix-window", true, true, true),
+        ("am-ctx", false, true, false),
+        ("am-ctx-window", false, true, false),
         ("h2o", false, true, false),
         ("snapkv", false, false, false),
         ("streaming", false, false, false),
@@ -293,6 +295,71 @@ fn method_names_round_trip_and_route_their_queries() {
         assert_eq!(m.needs_reference_queries(), reference, "{name}");
         assert_eq!(m.needs_context_queries(), context, "{name}");
         assert_eq!(m.mixes_references(), mixed, "{name}");
+        assert_eq!(m.is_attention_matching(), name.starts_with("am"), "{name}");
+        assert_eq!(
+            m.fits_context_queries(),
+            name.starts_with("am-ctx"),
+            "{name}"
+        );
+        assert_eq!(
+            m.keeps_window(),
+            name.starts_with("am") && name.ends_with("-window")
+        );
     }
     assert!("am-mixed".parse::<Method>().is_err());
+}
+
+#[test]
+fn fit_error_is_zero_for_the_full_head_and_falls_as_the_fit_grows() {
+    let (t, d) = (120, 8);
+    let s = synthetic(t, d, 12, 41);
+    let q = queries(90, d, 42);
+    let refs = reference_head_scores(&q, &vec![t as u32; 90], &s.keys, &s.values, d).unwrap();
+    let all: Vec<usize> = (0..t).collect();
+    let full = HeadCompaction::keep(&s.keys, &s.values, d, &all);
+    assert!(fit_error(&refs, &full, d) < 1e-9);
+    let inputs = HeadInputs {
+        keys: &s.keys,
+        values: &s.values,
+        d,
+        context: None,
+        rows_per_position: 1,
+        reference: Some(&refs),
+    };
+    let opts = FitOptions::default();
+    let errs: Vec<f64> = [2, 6, 24]
+        .iter()
+        .map(|&b| {
+            fit_error(
+                &refs,
+                &compact_head(Method::Am, &inputs, b, &opts).unwrap(),
+                d,
+            )
+        })
+        .collect();
+    assert!(errs[0] > errs[1] && errs[1] > errs[2], "{errs:?}");
+    // Evicting without a fit: the mass is short, and the error says so.
+    let evicted = HeadCompaction::keep(&s.keys, &s.values, d, &all[..t / 2]);
+    assert!(fit_error(&refs, &evicted, d) > 0.05);
+}
+
+#[test]
+fn budgets_go_where_the_error_drops_most_per_token() {
+    // Head 0 is fitted well by 10 tokens; head 1 needs 40; head 2 gains a little from 20.
+    let heads = vec![
+        vec![(10, 0.01), (20, 0.009), (40, 0.008)],
+        vec![(10, 0.9), (20, 0.5), (40, 0.05)],
+        vec![(10, 0.2), (20, 0.1), (40, 0.09)],
+    ];
+    // 60 tokens in all (20 per head on average).
+    assert_eq!(allocate_budgets(&heads, 60), vec![0, 2, 0]);
+    // 70: the next best step is head 2's 10 → 20.
+    assert_eq!(allocate_budgets(&heads, 70), vec![0, 2, 1]);
+    // Never over the total; the smallest candidates when nothing fits.
+    assert_eq!(allocate_budgets(&heads, 30), vec![0, 0, 0]);
+    for total in 30..130 {
+        let pick = allocate_budgets(&heads, total);
+        let used: usize = pick.iter().zip(&heads).map(|(&k, h)| h[k].0).sum();
+        assert!(used <= total.max(30), "{total}: {used}");
+    }
 }
