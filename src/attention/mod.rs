@@ -548,7 +548,7 @@ fn prompt_rows(
     );
     let k_f16 = r.k_words < d;
     let v_f16 = r.v_words < d;
-    let wg = 64;
+    let wg = 32;
     let kernel = gpu.pipeline(
         "attention/prompt_rows",
         "main",
