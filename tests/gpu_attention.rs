@@ -51,6 +51,7 @@ fn run_case(
     flip_codebook_selects: bool,
     group: usize,
     share_kv_heads: bool,
+    prompt_rows: bool,
 ) {
     let shape = AttentionShape {
         n_heads: 2 * group,
@@ -61,11 +62,13 @@ fn run_case(
     let mut scratch = AttentionScratch::new(gpu, shape, n_q, *lens.iter().max().unwrap());
     scratch.codebook_selects ^= flip_codebook_selects;
     scratch.share_kv_heads = share_kv_heads;
+    scratch.prompt_rows &= prompt_rows;
     let ctx = format!(
         "{} K={kf} V={vf} lens={lens:?} n_q={n_q} bias={with_bias} codebook_selects={} \
-         group={group} share_kv_heads={share_kv_heads}",
+         group={group} share_kv_heads={share_kv_heads} prompt_rows={}",
         gpu.backend_name(),
-        scratch.codebook_selects
+        scratch.codebook_selects,
+        scratch.prompt_rows
     );
     let mut rng = Rng::new(lens.iter().sum::<usize>() as u64 * 31 + n_q as u64);
     let total: usize = lens.iter().sum();
@@ -142,13 +145,13 @@ fn run_case(
 fn compressed_domain_attention_equals_attention_over_decoded_cache() {
     for gpu in gpus() {
         for (kf, vf) in PAIRS {
-            run_case(&gpu, kf, vf, &[1, 37], 1, false, false, 2, true);
-            run_case(&gpu, kf, vf, &[130, 77], 3, true, false, 2, true);
+            run_case(&gpu, kf, vf, &[1, 37], 1, false, false, 2, true, true);
+            run_case(&gpu, kf, vf, &[130, 77], 3, true, false, 2, true, true);
             // The other codebook lookup (indexed loads on CPU adapters, selects on GPUs).
-            run_case(&gpu, kf, vf, &[130, 77], 3, true, true, 2, true);
+            run_case(&gpu, kf, vf, &[130, 77], 3, true, true, 2, true, true);
             // The default model's group of 3 query heads per KV head, shared and one by one.
-            run_case(&gpu, kf, vf, &[130, 77], 2, false, false, 3, true);
-            run_case(&gpu, kf, vf, &[130, 77], 2, false, false, 3, false);
+            run_case(&gpu, kf, vf, &[130, 77], 2, false, false, 3, true, true);
+            run_case(&gpu, kf, vf, &[130, 77], 2, false, false, 3, false, true);
         }
         // Split-K across workgroups (more than 512 tokens), ragged heads, bias, causal chunk.
         for (kf, vf) in [
@@ -156,12 +159,47 @@ fn compressed_domain_attention_equals_attention_over_decoded_cache() {
             ("f16", "q4_0"),
             ("turbo3p", "turbo2.5"),
         ] {
-            run_case(&gpu, kf, vf, &[1100, 513], 2, true, false, 3, true);
+            run_case(&gpu, kf, vf, &[1100, 513], 2, true, false, 3, true, true);
             // A prefill chunk of 64 positions, as the model records it.
-            run_case(&gpu, kf, vf, &[600, 300], 64, false, false, 3, true);
+            run_case(&gpu, kf, vf, &[600, 300], 64, false, false, 3, true, true);
         }
     }
 }
+
+/// The prompt-row kernel of CPU adapters (plain f32/f16 keys and values, tiles bound as uniform
+/// buffers) equals the reference, and the split-K kernel it replaces: chunks of 2, 7 and 64
+/// positions, ragged heads over several tiles (256 f32 or 512 f16 tokens) that end mid-tile, bias.
+#[test]
+fn prompt_row_attention_matches_reference() {
+    for gpu in gpus() {
+        let cpu = gpu.report().device_type == "Cpu";
+        let scratch = AttentionScratch::new(&gpu, SHAPE3, 2, 16);
+        assert_eq!(
+            scratch.prompt_rows, cpu,
+            "on by default on CPU adapters only"
+        );
+        for (kf, vf) in [
+            ("f32", "f32"),
+            ("f16", "f16"),
+            ("f32", "f16"),
+            ("f16", "f32"),
+        ] {
+            for rows in [true, false] {
+                run_case(&gpu, kf, vf, &[300, 77], 2, false, false, 3, true, rows);
+                run_case(&gpu, kf, vf, &[1100, 513], 7, true, false, 3, true, rows);
+                run_case(&gpu, kf, vf, &[600, 1030], 64, true, false, 3, true, rows);
+            }
+            run_case(&gpu, kf, vf, &[5, 257], 64, false, false, 2, true, true);
+            run_case(&gpu, kf, vf, &[513, 40], 3, true, false, 1, true, true);
+        }
+    }
+}
+
+const SHAPE3: AttentionShape = AttentionShape {
+    n_heads: 9,
+    n_kv_heads: 3,
+    head_dim: 64,
+};
 
 /// The KV cache with f16 sinks, an f16 window of recent tokens (a ring that wraps) and centered
 /// keys: tokens appended chunk by chunk, attention over all regions under one softmax equals, for
@@ -181,7 +219,7 @@ fn cache_with_sinks_window_and_centered_keys_matches_reference() {
     // (sinks, recent, centered keys)
     let configs = [(4, 0, false), (4, 5, true), (0, 3, true), (2, 70, false)];
     for gpu in gpus() {
-        for fmt in ["turbo3/turbo2", "q8_0/turbo4", "turbo3p/f16"] {
+        for fmt in ["turbo3/turbo2", "q8_0/turbo4", "turbo3p/f16", "f32/f16"] {
             for &(sinks, recent, center_keys) in &configs {
                 let format: KvFormat = fmt.parse().unwrap();
                 let mut cache = KvCache::new(

@@ -68,6 +68,26 @@ fn model_variants(name: &str) -> Option<Vec<Vec<(&'static str, f64)>>> {
                 out.push(vec![("MEAN", mean), ("WG", 64.0)]);
             }
         }
+        "attention/prompt_tiles" => out.push(vec![]),
+        "attention/prompt_rows" => {
+            // f32 and f16 keys and values, bias on and off.
+            for d in [64.0, 128.0] {
+                for (kf16, vf16, bias) in [
+                    (0.0, 0.0, 0.0),
+                    (1.0, 1.0, 1.0),
+                    (0.0, 1.0, 1.0),
+                    (1.0, 0.0, 0.0),
+                ] {
+                    out.push(vec![
+                        ("D", d),
+                        ("K_F16", kf16),
+                        ("V_F16", vf16),
+                        ("HAS_BIAS", bias),
+                        ("WG", 64.0),
+                    ]);
+                }
+            }
+        }
         "compact/scores" | "compact/scores_rows" => {
             for d in [32.0, 64.0, 128.0, 256.0] {
                 out.push(vec![("D", d), ("WG", 64.0)]);

@@ -5,7 +5,8 @@
 //! contexts, ragged heads and an optional per-key bias (Attention Matching's β).
 
 use crate::codec::gpu::{format_constants, scale_base, GpuCodec};
-use crate::gpu::{grid, Batch, Binding, Gpu, GpuError, GpuVec};
+use crate::codec::VecFormat;
+use crate::gpu::{grid, Batch, Binding, BufferRange, Gpu, GpuError, GpuVec};
 
 /// Head layout of one attention layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,8 +108,44 @@ struct CombineParams {
     _pad: u32,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct TilesParams {
+    n_kv: u32,
+    n_tiles: u32,
+    tile: u32,
+    k_words: u32,
+    v_words: u32,
+    skip: u32,
+    block_base: u32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RowsParams {
+    n_q: u32,
+    n_heads: u32,
+    group: u32,
+    head: u32,
+    tile: u32,
+    tile_len: u32,
+    total_len: u32,
+    skip: u32,
+    split_base: u32,
+    split_stride: u32,
+    recent: u32,
+    recent_mode: u32,
+    scale: f32,
+    _pad: [u32; 3],
+}
+
 /// Tokens per split-K workgroup: long contexts spread over many workgroups, short ones use one.
 pub const SPLIT_TOKENS: usize = 512;
+
+/// Words of one tile of the prompt-row kernel: 64 KiB, WebGPU's default
+/// `max_uniform_buffer_binding_size` (and the tile's alignment in the scratch).
+const TILE_WORDS: usize = 16384;
 
 /// Scratch for split-K partials, and the kernel variant; reuse it across calls of the same or
 /// smaller size.
@@ -126,31 +163,93 @@ pub struct AttentionScratch {
     /// them from workgroup memory, which CPU adapters turn into gathers. On by default on CPU
     /// adapters (1.2x faster f16 decode attention on lavapipe); a register hog on GPUs.
     pub private_queries: bool,
+    /// Prompt chunks (n_q ≥ 2) over plain f32/f16 keys and values use
+    /// `shaders/attention/prompt_rows.wgsl`: one invocation per query row, each tile of keys
+    /// and values bound as a uniform buffer (a broadcast on CPU adapters, where storage and
+    /// workgroup loads are per-lane gathers). On by default on CPU adapters; regions it does not
+    /// cover (codebook formats, the ring of recent tokens, centered keys) keep the split-K
+    /// kernel.
+    pub prompt_rows: bool,
+    /// The prompt-row kernel's tiles: per region, KV head and tile, 64 KiB of keys, then 64 KiB
+    /// of values.
+    tiles: GpuVec<u32>,
 }
 
 impl AttentionScratch {
     /// Scratch for `n_q` positions over contexts up to `max_len` tokens.
     /// Room is left for two extra regions of up to [`SPLIT_TOKENS`] tokens each beside the main
     /// one (attention sinks, the window of recent tokens).
+    /// On CPU adapters, room for the prompt-row kernel's splits (tiles of 16384 / head_dim
+    /// tokens at the smallest, f32) and tiles too.
     pub fn new(gpu: &Gpu, shape: AttentionShape, n_q: usize, max_len: usize) -> Self {
-        let n_splits = max_len.div_ceil(SPLIT_TOKENS).max(1) + 2;
-        let floats = n_q * shape.n_heads * n_splits * (2 + 2 * shape.head_dim);
         let cpu = gpu.report().device_type == "Cpu";
+        let d = shape.head_dim;
+        let rows = cpu && n_q >= 2 && rows_head_dim(d);
+        let split_tokens = if rows {
+            (TILE_WORDS / d).min(SPLIT_TOKENS)
+        } else {
+            SPLIT_TOKENS
+        };
+        let n_splits = max_len.div_ceil(split_tokens).max(1) + 2;
+        let floats = n_q * shape.n_heads * n_splits * (2 + 2 * d);
+        let tile_words = if rows {
+            2 * shape.n_kv_heads * n_splits * TILE_WORDS
+        } else {
+            4
+        };
         AttentionScratch {
             partials: gpu.zeros("attention partials", floats),
             codebook_selects: cpu,
             share_kv_heads: true,
             private_queries: cpu,
+            prompt_rows: cpu,
+            tiles: gpu.zeros_uniform("attention tiles", tile_words),
         }
     }
 }
 
-fn region_splits(kv: &KvPages<'_>) -> usize {
+/// Head dimensions the prompt-row kernel handles (its private arrays hold 128 floats; f16 keys
+/// are read eight at a time).
+fn rows_head_dim(d: usize) -> bool {
+    d.is_multiple_of(8) && d <= 128
+}
+
+/// Words per vector of a plain (codebook-free) format, whose domain is the identity.
+fn plain_words(format: &VecFormat, d: usize) -> Option<usize> {
+    match format {
+        VecFormat::F32 => Some(d),
+        VecFormat::F16 => Some(d / 2),
+        _ => None,
+    }
+}
+
+/// `(tokens per tile, key words, value words)` of the prompt-row kernel for this region, when it
+/// applies: plain f32/f16 keys and values (values in the main region's domain count too: the
+/// kernel only sums them), no ring, no centered keys, no window-only region.
+fn rows_plan(kv: &KvPages<'_>, d: usize, n_q: usize) -> Option<(usize, usize, usize)> {
+    if n_q < 2
+        || !rows_head_dim(d)
+        || kv.ring != 0
+        || kv.center.is_some()
+        || matches!(kv.recent, Recent::Last(_))
+    {
+        return None;
+    }
+    let k_words = plain_words(&kv.k_codec.codec().format(), d)?;
+    let v_words = match kv.values {
+        ValueStore::Codes => plain_words(&kv.v_codec.codec().format(), d)?,
+        ValueStore::RotatedF32 => d,
+        ValueStore::RotatedF16 => d / 2,
+    };
+    Some((TILE_WORDS / k_words.max(v_words), k_words, v_words))
+}
+
+fn region_splits(kv: &KvPages<'_>, tile: Option<usize>) -> usize {
     let tokens = match kv.recent {
         Recent::Last(n) => n.min(kv.max_len.saturating_sub(kv.skip)),
         _ => kv.max_len.saturating_sub(kv.skip),
     };
-    tokens.div_ceil(SPLIT_TOKENS).max(1)
+    tokens.div_ceil(tile.unwrap_or(SPLIT_TOKENS)).max(1)
 }
 
 /// Record attention of `n_q` query positions (`q`: n_q × n_heads × head_dim, the last `n_q` tokens
@@ -174,7 +273,37 @@ pub fn decode_attention_into(
     let main = regions
         .first()
         .ok_or_else(|| GpuError::Invalid("attention needs at least one KV region".into()))?;
-    let stride: usize = regions.iter().map(region_splits).sum();
+    let mut plans: Vec<Option<(usize, usize, usize)>> = regions
+        .iter()
+        .map(|kv| {
+            if scratch.prompt_rows {
+                rows_plan(kv, d, n_q)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let splits = |plans: &[Option<(usize, usize, usize)>]| -> Vec<usize> {
+        regions
+            .iter()
+            .zip(plans)
+            .map(|(kv, p)| region_splits(kv, p.map(|p| p.0)))
+            .collect()
+    };
+    let mut n_splits = splits(&plans);
+    let tile_blocks: usize = n_splits
+        .iter()
+        .zip(&plans)
+        .filter(|(_, p)| p.is_some())
+        .map(|(n, _)| 2 * shape.n_kv_heads * n)
+        .sum();
+    let rows_need = n_q * shape.n_heads * n_splits.iter().sum::<usize>() * (2 + 2 * d);
+    if tile_blocks * TILE_WORDS > scratch.tiles.len() || rows_need > scratch.partials.len() {
+        // Scratch made for another adapter or size: the split-K kernel everywhere.
+        plans.iter_mut().for_each(|p| *p = None);
+        n_splits = splits(&plans);
+    }
+    let stride: usize = n_splits.iter().sum();
     let need = n_q * shape.n_heads * stride * (2 + 2 * d);
     if scratch.partials.len() < need {
         return Err(GpuError::Invalid(format!(
@@ -193,8 +322,37 @@ pub fn decode_attention_into(
         1
     };
     let mut split_base = 0;
-    for kv in regions {
-        let n_splits = region_splits(kv);
+    let mut block_base = 0;
+    for ((kv, &n_splits), plan) in regions.iter().zip(&n_splits).zip(&plans) {
+        let total_len = if std::ptr::eq(kv, main) {
+            0
+        } else {
+            main.max_len as u32
+        };
+        if let Some((tile, k_words, v_words)) = *plan {
+            prompt_rows(
+                gpu,
+                batch,
+                shape,
+                kv,
+                q,
+                n_q,
+                scratch,
+                RowsRegion {
+                    tile,
+                    k_words,
+                    v_words,
+                    n_tiles: n_splits,
+                    total_len,
+                    split_base,
+                    split_stride: stride,
+                    block_base,
+                },
+            )?;
+            split_base += n_splits;
+            block_base += 2 * shape.n_kv_heads * n_splits;
+            continue;
+        }
         let mut constants = vec![
             ("D", d as f64),
             ("WG", wg as f64),
@@ -253,11 +411,7 @@ pub fn decode_attention_into(
             scale: 1.0 / (d as f32).sqrt(),
             // The main region's queries are the last n_q tokens of each (possibly ragged) head;
             // a prefix region (sinks) places them after the main region's length.
-            total_len: if std::ptr::eq(kv, main) {
-                0
-            } else {
-                main.max_len as u32
-            },
+            total_len,
             skip: kv.skip as u32,
             split_base: split_base as u32,
             split_stride: stride as u32,
@@ -328,6 +482,139 @@ pub fn decode_attention_into(
         ],
         grid((n_q * shape.n_heads) as u32),
     );
+    Ok(())
+}
+
+/// Where one region's prompt-row dispatches read and write.
+struct RowsRegion {
+    tile: usize,
+    k_words: usize,
+    v_words: usize,
+    n_tiles: usize,
+    total_len: u32,
+    split_base: usize,
+    split_stride: usize,
+    block_base: usize,
+}
+
+/// Record the prompt-row kernel over one region: gather its tiles, then one dispatch per (KV
+/// head, tile) with that tile's keys and values bound as uniform buffers.
+#[allow(clippy::too_many_arguments)]
+fn prompt_rows(
+    gpu: &Gpu,
+    batch: &mut Batch<'_>,
+    shape: AttentionShape,
+    kv: &KvPages<'_>,
+    q: &GpuVec<f32>,
+    n_q: usize,
+    scratch: &AttentionScratch,
+    r: RowsRegion,
+) -> Result<(), GpuError> {
+    let d = shape.head_dim;
+    let group = shape.n_heads / shape.n_kv_heads;
+    let gather = gpu.pipeline(
+        "attention/prompt_tiles",
+        "main",
+        &[],
+        &[
+            Binding::Uniform,
+            Binding::READ,
+            Binding::READ,
+            Binding::READ,
+            Binding::RW,
+        ],
+    )?;
+    let tp = TilesParams {
+        n_kv: shape.n_kv_heads as u32,
+        n_tiles: r.n_tiles as u32,
+        tile: r.tile as u32,
+        k_words: r.k_words as u32,
+        v_words: r.v_words as u32,
+        skip: kv.skip as u32,
+        block_base: r.block_base as u32,
+        _pad: 0,
+    };
+    let tub = gpu.uniform("prompt tiles params", &tp);
+    batch.dispatch(
+        &gather,
+        &[
+            &tub,
+            kv.heads.buffer(),
+            kv.k_page.buffer(),
+            kv.v_page.buffer(),
+            scratch.tiles.buffer(),
+        ],
+        grid((shape.n_kv_heads * r.n_tiles * TILE_WORDS / 4).div_ceil(256) as u32),
+    );
+    let k_f16 = r.k_words < d;
+    let v_f16 = r.v_words < d;
+    let wg = 32;
+    let kernel = gpu.pipeline(
+        "attention/prompt_rows",
+        "main",
+        &[
+            ("D", d as f64),
+            ("K_F16", if k_f16 { 1.0 } else { 0.0 }),
+            ("V_F16", if v_f16 { 1.0 } else { 0.0 }),
+            ("HAS_BIAS", if kv.bias.is_some() { 1.0 } else { 0.0 }),
+            ("WG", wg as f64),
+        ],
+        &[
+            Binding::Uniform,
+            Binding::READ,
+            Binding::Uniform,
+            Binding::Uniform,
+            Binding::READ,
+            Binding::READ,
+            Binding::RW,
+        ],
+    )?;
+    let (recent_mode, recent) = match kv.recent {
+        Recent::Before(n) => (1, n),
+        _ => (0, 0),
+    };
+    let bias = kv.bias.unwrap_or(q).buffer();
+    let tile_bytes = (TILE_WORDS * 4) as u64;
+    for h in 0..shape.n_kv_heads {
+        for t in 0..r.n_tiles {
+            let params = RowsParams {
+                n_q: n_q as u32,
+                n_heads: shape.n_heads as u32,
+                group: group as u32,
+                head: h as u32,
+                tile: t as u32,
+                tile_len: r.tile as u32,
+                total_len: r.total_len,
+                skip: kv.skip as u32,
+                split_base: r.split_base as u32,
+                split_stride: r.split_stride as u32,
+                recent: recent as u32,
+                recent_mode,
+                scale: 1.0 / (d as f32).sqrt(),
+                _pad: [0; 3],
+            };
+            let ub = gpu.uniform("prompt rows params", &params);
+            let block = (r.block_base + 2 * (h * r.n_tiles + t)) as u64;
+            let tile_range = |b: u64| BufferRange {
+                buffer: scratch.tiles.buffer(),
+                offset: b * tile_bytes,
+                size: Some(tile_bytes),
+            };
+            batch.dispatch_ranges(
+                &kernel,
+                &[
+                    BufferRange::whole(&ub),
+                    BufferRange::whole(q.buffer()),
+                    tile_range(block),
+                    tile_range(block + 1),
+                    BufferRange::whole(kv.heads.buffer()),
+                    BufferRange::whole(bias),
+                    BufferRange::whole(scratch.partials.buffer()),
+                ],
+                grid((n_q * group).div_ceil(wg) as u32),
+            );
+        }
+    }
     Ok(())
 }
 

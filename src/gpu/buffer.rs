@@ -98,6 +98,23 @@ impl Gpu {
         }
     }
 
+    /// A new zero-filled storage buffer whose ranges may also be bound as uniform buffers
+    /// (kernels that broadcast a tile of data to every invocation).
+    pub fn zeros_uniform<T: bytemuck::Pod>(&self, label: &str, len: usize) -> GpuVec<T> {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: padded_bytes(len * std::mem::size_of::<T>()),
+            usage: USAGE | wgpu::BufferUsages::UNIFORM,
+            mapped_at_creation: false,
+        });
+        GpuVec {
+            buffer,
+            len,
+            label: label.to_string(),
+            _t: PhantomData,
+        }
+    }
+
     /// Copy a buffer back to the CPU. The same code natively and in the browser: the map callback
     /// completes a channel that this future awaits; natively the device is polled to drive it.
     pub async fn read<T: bytemuck::Pod>(&self, v: &GpuVec<T>) -> Result<Vec<T>, GpuError> {

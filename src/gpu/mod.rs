@@ -628,6 +628,28 @@ impl Gpu {
     }
 }
 
+/// A bound range of a buffer: `size` bytes from `offset` (`None`: to the end).
+#[derive(Clone, Copy)]
+pub struct BufferRange<'a> {
+    /// The buffer.
+    pub buffer: &'a wgpu::Buffer,
+    /// First byte (uniform bindings: a multiple of `min_uniform_buffer_offset_alignment`).
+    pub offset: u64,
+    /// Bytes, or the rest of the buffer.
+    pub size: Option<u64>,
+}
+
+impl<'a> BufferRange<'a> {
+    /// The whole buffer.
+    pub fn whole(buffer: &'a wgpu::Buffer) -> Self {
+        BufferRange {
+            buffer,
+            offset: 0,
+            size: None,
+        }
+    }
+}
+
 /// Dispatches recorded into one command buffer and one compute pass.
 pub struct Batch<'a> {
     gpu: &'a Gpu,
@@ -644,12 +666,27 @@ impl Batch<'_> {
         buffers: &[&wgpu::Buffer],
         workgroups: [u32; 3],
     ) {
+        let ranges: Vec<BufferRange> = buffers.iter().map(|b| BufferRange::whole(b)).collect();
+        self.dispatch_ranges(kernel, &ranges, workgroups);
+    }
+
+    /// [`Batch::dispatch`] with buffer ranges: for uniform bindings of part of a buffer.
+    pub fn dispatch_ranges(
+        &mut self,
+        kernel: &Arc<Kernel>,
+        buffers: &[BufferRange<'_>],
+        workgroups: [u32; 3],
+    ) {
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
+            .map(|(i, r)| wgpu::BindGroupEntry {
                 binding: i as u32,
-                resource: b.as_entire_binding(),
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: r.buffer,
+                    offset: r.offset,
+                    size: r.size.and_then(wgpu::BufferSize::new),
+                }),
             })
             .collect();
         let bind_group = self

@@ -21,6 +21,8 @@ shader_files!(
     "codec/decode.wgsl",
     "attention/decode.wgsl",
     "attention/combine.wgsl",
+    "attention/prompt_rows.wgsl",
+    "attention/prompt_tiles.wgsl",
     "kv/center.wgsl",
     "gpu/copy.wgsl",
     "common/ggml.wgsl",
