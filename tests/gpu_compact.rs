@@ -1,6 +1,6 @@
-//! The compaction score kernel (GPU) equals its CPU reference on fresh random inputs: several
+//! The compaction score kernels (GPU) equal their CPU reference on fresh random inputs: several
 //! shapes, including one key, lengths not a multiple of the workgroup, rows that see no key,
-//! zero vectors, and causal visible lengths.
+//! zero vectors, causal visible lengths, and keys over several 64 KiB tiles (the rows kernel).
 
 mod common;
 
@@ -29,6 +29,7 @@ fn scores_match_the_cpu_reference() {
             (17, 300, 128, false),
             (9, 64, 32, true),
             (150, 200, 64, true),
+            (70, 600, 64, true),
         ] {
             let mut q = rng.gauss(n_q * d);
             let mut k = rng.gauss(n_k * d);

@@ -1,26 +1,37 @@
 // The same scores as compact/scores.wgsl (Attention Matching, arXiv 2602.16284, §3), laid out
-// for CPU adapters (lavapipe, llvmpipe, SwiftShader): one invocation per query row. Every
-// invocation of a workgroup reads the same key and value at the same time, so a SIMD lane per
-// row needs no gathers, and the dot products need no reductions across invocations:
-//   e[i, j] = exp(s_ij − m_i) with s_ij = ⟨q_i, k_j⟩ · scale and m_i = max_j s_ij (0 past lens[i]),
-//   stats[i] = (m_i, Σ_j e[i, j]),   y[i] = Σ_j e[i, j] v_j / Σ_j e[i, j].
-// `e` must be zero on entry: weights past a row's visible length are not written.
+// for CPU adapters (lavapipe, llvmpipe, SwiftShader), which pay for every storage load but read
+// uniforms almost for free: one invocation per query row, and the keys (pass 0) or the values
+// (pass 1) of one tile of tokens in a 64 KiB uniform buffer that every invocation reads at the
+// same index. One dispatch per (pass, tile), tiles in order; the rows carry their state between
+// dispatches in `stats` and `y`:
+//   pass 0: s_ij = ⟨q_i, k_j⟩ · scale into e, m_i = max_j s_ij into stats[2i];
+//   pass 1: e_ij = exp(s_ij − m_i), l_i = Σ_j e_ij into stats[2i + 1], Σ_j e_ij v_j into y;
+//           the last tile divides y by l_i.
+// Rows see their first lens[i] keys; weights past that stay as they were (zero: `e` must be zero
+// on entry). A row that sees no key gets m = l = 0 and y = 0.
 
 struct Params {
     n_q: u32,
     n_k: u32,
     scale: f32,
-    _pad: u32,
+    // First key of this tile, and its keys.
+    tile_first: u32,
+    tile_len: u32,
+    // 0: scores and maxima; 1: weights, sums and outputs (the pass).
+    phase: u32,
+    // Whether this is the first / last tile of the pass.
+    first: u32,
+    last: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> lens: array<u32>;
-@group(0) @binding(5) var<storage, read_write> e: array<f32>;
-@group(0) @binding(6) var<storage, read_write> stats: array<f32>;
-@group(0) @binding(7) var<storage, read_write> y: array<vec4<f32>>;
+// The tile's keys (pass 0) or values (pass 1), D / 4 vec4 per token.
+@group(0) @binding(2) var<uniform> tile: array<vec4<f32>, 4096>;
+@group(0) @binding(3) var<storage, read> lens: array<u32>;
+@group(0) @binding(4) var<storage, read_write> e: array<f32>;
+@group(0) @binding(5) var<storage, read_write> stats: array<f32>;
+@group(0) @binding(6) var<storage, read_write> y: array<vec4<f32>>;
 
 // Head dimension: a multiple of 4, at most 256.
 override D: u32 = 64u;
@@ -48,66 +59,78 @@ fn main(@builtin(local_invocation_index) lid: u32,
     }
     workgroupBarrier();
     atomicMax(&wg_len, len);
-    let n = workgroupUniformLoad(&wg_len);
-    if (n == 0u) {
-        if (live) {
-            stats[2u * row] = 0.0;
-            stats[2u * row + 1u] = 0.0;
+    let wl = workgroupUniformLoad(&wg_len);
+    // This tile's tokens that some row of the workgroup sees, and those this row sees.
+    let n = min(params.tile_len, select(0u, wl - params.tile_first, wl > params.tile_first));
+    let mine = min(params.tile_len, select(0u, len - params.tile_first, len > params.tile_first));
+    let base = row * params.n_k + params.tile_first;
+    if (params.phase == 0u) {
+        var m = -3.4e38;
+        if (live && params.first == 0u) {
+            m = stats[2u * row];
+        }
+        if (n > 0u) {
+            var qr: array<vec4<f32>, MAX_D4>;
             for (var c = 0u; c < d4; c++) {
-                y[row * d4 + c] = vec4<f32>(0.0);
+                if (live) {
+                    qr[c] = q[row * d4 + c] * params.scale;
+                } else {
+                    qr[c] = vec4<f32>(0.0);
+                }
             }
+            for (var j = 0u; j < n; j++) {
+                var s4 = vec4<f32>(0.0);
+                for (var c = 0u; c < d4; c++) {
+                    s4 += qr[c] * tile[j * d4 + c];
+                }
+                if (j < mine) {
+                    let s = s4.x + s4.y + s4.z + s4.w;
+                    e[base + j] = s;
+                    m = max(m, s);
+                }
+            }
+        }
+        if (live) {
+            stats[2u * row] = m;
         }
         return;
     }
-    var qr: array<vec4<f32>, MAX_D4>;
-    for (var c = 0u; c < d4; c++) {
-        if (live) {
-            qr[c] = q[row * d4 + c] * params.scale;
-        } else {
-            qr[c] = vec4<f32>(0.0);
-        }
-    }
-    let base = row * params.n_k;
-    // Pass 1: the scores and their maximum.
-    var m = -3.4e38;
-    for (var j = 0u; j < n; j++) {
-        var s4 = vec4<f32>(0.0);
-        for (var c = 0u; c < d4; c++) {
-            s4 += qr[c] * k[j * d4 + c];
-        }
-        let s = s4.x + s4.y + s4.z + s4.w;
-        if (j < len) {
-            e[base + j] = s;
-            m = max(m, s);
-        }
-    }
-    // Pass 2: weights, their sum and the weighted values.
+    let m = select(0.0, stats[2u * row], live);
+    var l = 0.0;
     var acc: array<vec4<f32>, MAX_D4>;
     for (var c = 0u; c < d4; c++) {
-        acc[c] = vec4<f32>(0.0);
+        if (live && params.first == 0u) {
+            acc[c] = y[row * d4 + c];
+        } else {
+            acc[c] = vec4<f32>(0.0);
+        }
     }
-    var l = 0.0;
+    if (live && params.first == 0u) {
+        l = stats[2u * row + 1u];
+    }
     for (var j = 0u; j < n; j++) {
         var w = 0.0;
-        if (j < len) {
+        if (j < mine) {
             w = exp(e[base + j] - m);
             e[base + j] = w;
         }
         l += w;
         for (var c = 0u; c < d4; c++) {
-            acc[c] += w * v[j * d4 + c];
+            acc[c] += w * tile[j * d4 + c];
         }
     }
     if (!live) {
         return;
     }
-    let inv = select(0.0, 1.0 / l, l > 0.0);
+    var inv = 1.0;
+    if (params.last == 1u) {
+        inv = select(0.0, 1.0 / l, l > 0.0);
+        if (len == 0u) {
+            stats[2u * row] = 0.0;
+        }
+    }
     for (var c = 0u; c < d4; c++) {
         y[row * d4 + c] = acc[c] * inv;
     }
-    if (len == 0u) {
-        m = 0.0;
-    }
-    stats[2u * row] = m;
     stats[2u * row + 1u] = l;
 }

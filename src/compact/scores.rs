@@ -2,7 +2,7 @@
 //! reference: the row-shifted weights, per-row max and mass, and the attention outputs that
 //! every selection and fit in this module reads.
 
-use crate::gpu::{grid, Binding, Gpu, GpuError};
+use crate::gpu::{grid, Binding, BufferRange, Gpu, GpuError, GpuVec};
 
 /// Attention of `n_q` query rows over `n_k` keys of one head.
 #[derive(Clone, Debug, Default)]
@@ -76,11 +76,10 @@ pub enum ScoresKernel {
     /// `compact/scores`: one workgroup per query row, its invocations splitting the keys and
     /// meeting in tree reductions. For GPUs.
     Workgroup,
-    /// `compact/scores_rows`: one invocation per query row, every invocation reading the same key
-    /// at once, so a CPU adapter's SIMD lanes need no reductions across invocations (on
-    /// lavapipe the reference scores of a 1,024-token context, 3,072 rows over 1,024 keys in
-    /// each of 90 heads, took 50 s instead of 110 s). Head dimensions that are not a multiple of
-    /// 4 fall back to `Workgroup`.
+    /// `compact/scores_rows`: one invocation per query row, the keys and values in 64 KiB tiles
+    /// bound as uniform buffers that every invocation reads at the same index: CPU adapters
+    /// broadcast uniform reads for free where every storage read costs. Head dimensions that
+    /// are not a multiple of 4 fall back to `Workgroup`.
     Rows,
 }
 
@@ -123,13 +122,13 @@ pub async fn head_scores_with(
         ScoresKernel::Rows => true,
     } && d.is_multiple_of(4);
     let wg = 64usize;
-    let (shader, per_group) = if rows_layout {
-        ("compact/scores_rows", wg)
-    } else {
-        ("compact/scores", 1)
-    };
+    let max_binding = gpu.limits().max_storage_buffer_binding_size as usize;
+    let rows_per_slice = (max_binding / 4 / n_k.max(1)).clamp(1, 4096).min(n_q);
+    if rows_layout {
+        return scores_rows(gpu, out, q, lens, k, v, d, rows_per_slice).await;
+    }
     let kernel = gpu.pipeline(
-        shader,
+        "compact/scores",
         "main",
         &[("D", d as f64), ("WG", wg as f64)],
         &[
@@ -143,8 +142,6 @@ pub async fn head_scores_with(
             Binding::RW,
         ],
     )?;
-    let max_binding = gpu.limits().max_storage_buffer_binding_size as usize;
-    let rows_per_slice = (max_binding / 4 / n_k.max(1)).clamp(1, 4096).min(n_q);
     let kb = gpu.upload("compact keys", &pad(k));
     let vb = gpu.upload("compact values", &pad(v));
     out.e.reserve(n_q * n_k);
@@ -177,17 +174,136 @@ pub async fn head_scores_with(
                 sb.buffer(),
                 yb.buffer(),
             ],
-            grid(rows.div_ceil(per_group) as u32),
+            grid(rows as u32),
         );
         b.submit();
-        let e = gpu.read(&eb).await?;
-        out.e.extend_from_slice(&e[..rows * n_k]);
-        let s = gpu.read(&sb).await?;
-        for r in 0..rows {
-            out.max.push(s[2 * r]);
-            out.sum.push(s[2 * r + 1]);
+        read_slice(gpu, &mut out, rows, &eb, &sb, &yb).await?;
+    }
+    Ok(out)
+}
+
+/// Append one slice's weights, maxima, sums and outputs to `out`.
+async fn read_slice(
+    gpu: &Gpu,
+    out: &mut HeadScores,
+    rows: usize,
+    eb: &GpuVec<f32>,
+    sb: &GpuVec<f32>,
+    yb: &GpuVec<f32>,
+) -> Result<(), GpuError> {
+    let e = gpu.read(eb).await?;
+    out.e.extend_from_slice(&e[..rows * out.n_k]);
+    let s = gpu.read(sb).await?;
+    for r in 0..rows {
+        out.max.push(s[2 * r]);
+        out.sum.push(s[2 * r + 1]);
+    }
+    out.y.extend(gpu.read(yb).await?);
+    Ok(())
+}
+
+/// Floats in one key or value tile of `compact/scores_rows`: a 64 KiB uniform buffer
+/// (WebGPU's default `max_uniform_buffer_binding_size`; the WGSL declares exactly this size).
+const TILE_FLOATS: usize = 16384;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct TileParams {
+    n_q: u32,
+    n_k: u32,
+    scale: f32,
+    tile_first: u32,
+    tile_len: u32,
+    phase: u32,
+    first: u32,
+    last: u32,
+}
+
+/// [`ScoresKernel::Rows`]: keys and values in 64 KiB tiles bound as uniform ranges, one dispatch
+/// per (pass, tile).
+#[allow(clippy::too_many_arguments)]
+async fn scores_rows(
+    gpu: &Gpu,
+    mut out: HeadScores,
+    q: &[f32],
+    lens: &[u32],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    rows_per_slice: usize,
+) -> Result<HeadScores, GpuError> {
+    let (n_q, n_k) = (out.n_q, out.n_k);
+    let wg = 64usize;
+    let kernel = gpu.pipeline(
+        "compact/scores_rows",
+        "main",
+        &[("D", d as f64), ("WG", wg as f64)],
+        &[
+            Binding::Uniform,
+            Binding::READ,
+            Binding::Uniform,
+            Binding::READ,
+            Binding::RW,
+            Binding::RW,
+            Binding::RW,
+        ],
+    )?;
+    let tile_tokens = TILE_FLOATS / d;
+    let n_tiles = n_k.div_ceil(tile_tokens).max(1);
+    let tiles = |label: &str, x: &[f32]| -> GpuVec<f32> {
+        let b = gpu.zeros_uniform::<f32>(label, n_tiles * TILE_FLOATS);
+        b.write(gpu, x);
+        b
+    };
+    let kb = tiles("compact key tiles", k);
+    let vb = tiles("compact value tiles", v);
+    out.e.reserve(n_q * n_k);
+    for first in (0..n_q).step_by(rows_per_slice) {
+        let rows = rows_per_slice.min(n_q - first);
+        let qb = gpu.upload("compact queries", &q[first * d..(first + rows) * d]);
+        let lb = gpu.upload("compact lens", &lens[first..first + rows]);
+        let eb = gpu.zeros::<f32>("compact weights", (rows * n_k).max(1));
+        let sb = gpu.zeros::<f32>("compact stats", 2 * rows);
+        let yb = gpu.zeros::<f32>("compact outputs", rows * d);
+        let mut b = gpu.batch("compact scores");
+        for pass in 0..2u32 {
+            let page = if pass == 0 { &kb } else { &vb };
+            for t in 0..n_tiles {
+                let tile_first = t * tile_tokens;
+                let ub = gpu.uniform(
+                    "compact params",
+                    &TileParams {
+                        n_q: rows as u32,
+                        n_k: n_k as u32,
+                        scale: 1.0 / (d as f32).sqrt(),
+                        tile_first: tile_first as u32,
+                        tile_len: tile_tokens.min(n_k.saturating_sub(tile_first)) as u32,
+                        phase: pass,
+                        first: (t == 0) as u32,
+                        last: (t + 1 == n_tiles) as u32,
+                    },
+                );
+                b.dispatch_ranges(
+                    &kernel,
+                    &[
+                        BufferRange::whole(&ub),
+                        BufferRange::whole(qb.buffer()),
+                        BufferRange {
+                            buffer: page.buffer(),
+                            offset: (t * TILE_FLOATS * 4) as u64,
+                            size: Some((TILE_FLOATS * 4) as u64),
+                        },
+                        BufferRange::whole(lb.buffer()),
+                        BufferRange::whole(eb.buffer()),
+                        BufferRange::whole(sb.buffer()),
+                        BufferRange::whole(yb.buffer()),
+                    ],
+                    grid(rows.div_ceil(wg) as u32),
+                );
+            }
         }
-        out.y.extend(gpu.read(&yb).await?);
+        b.submit();
+        read_slice(gpu, &mut out, rows, &eb, &sb, &yb).await?;
     }
     Ok(out)
 }
