@@ -147,11 +147,7 @@ pub async fn head_scores_with(
     out.e.reserve(n_q * n_k);
     for first in (0..n_q).step_by(rows_per_slice) {
         let rows = rows_per_slice.min(n_q - first);
-        let qb = gpu.upload("compact queries", &q[first * d..(first + rows) * d]);
-        let lb = gpu.upload("compact lens", &lens[first..first + rows]);
-        let eb = gpu.zeros::<f32>("compact weights", (rows * n_k).max(1));
-        let sb = gpu.zeros::<f32>("compact stats", 2 * rows);
-        let yb = gpu.zeros::<f32>("compact outputs", rows * d);
+        let Slice { qb, lb, eb, sb, yb } = Slice::new(gpu, q, lens, first, rows, n_k, d);
         let ub = gpu.uniform(
             "compact params",
             &Params {
@@ -180,6 +176,36 @@ pub async fn head_scores_with(
         read_slice(gpu, &mut out, rows, &eb, &sb, &yb).await?;
     }
     Ok(out)
+}
+
+/// One slice of query rows: their queries and visible lengths, and the weights, stats and
+/// outputs the kernel writes.
+struct Slice {
+    qb: GpuVec<f32>,
+    lb: GpuVec<u32>,
+    eb: GpuVec<f32>,
+    sb: GpuVec<f32>,
+    yb: GpuVec<f32>,
+}
+
+impl Slice {
+    fn new(
+        gpu: &Gpu,
+        q: &[f32],
+        lens: &[u32],
+        first: usize,
+        rows: usize,
+        n_k: usize,
+        d: usize,
+    ) -> Slice {
+        Slice {
+            qb: gpu.upload("compact queries", &q[first * d..(first + rows) * d]),
+            lb: gpu.upload("compact lens", &lens[first..first + rows]),
+            eb: gpu.zeros("compact weights", (rows * n_k).max(1)),
+            sb: gpu.zeros("compact stats", 2 * rows),
+            yb: gpu.zeros("compact outputs", rows * d),
+        }
+    }
 }
 
 /// Append one slice's weights, maxima, sums and outputs to `out`.
@@ -260,11 +286,7 @@ async fn scores_rows(
     out.e.reserve(n_q * n_k);
     for first in (0..n_q).step_by(rows_per_slice) {
         let rows = rows_per_slice.min(n_q - first);
-        let qb = gpu.upload("compact queries", &q[first * d..(first + rows) * d]);
-        let lb = gpu.upload("compact lens", &lens[first..first + rows]);
-        let eb = gpu.zeros::<f32>("compact weights", (rows * n_k).max(1));
-        let sb = gpu.zeros::<f32>("compact stats", 2 * rows);
-        let yb = gpu.zeros::<f32>("compact outputs", rows * d);
+        let Slice { qb, lb, eb, sb, yb } = Slice::new(gpu, q, lens, first, rows, n_k, d);
         let mut b = gpu.batch("compact scores");
         for pass in 0..2u32 {
             let page = if pass == 0 { &kb } else { &vb };
