@@ -13,7 +13,7 @@ use kvpack::compact::{
 };
 use kvpack::kv::KvRecipe;
 use kvpack::model::llama::{Llama, Logits, Session};
-use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
+use kvpack::model::{GgufFile, Tokenizer};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
@@ -26,15 +26,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn compacted_sessions_continue_from_the_context() {
     let file = GgufFile::open(common::model_path()).unwrap();
     let tok = Tokenizer::from_gguf(&file).unwrap();
-    let opts = EncodeOptions {
-        parse_special: false,
-        add_special: true,
-    };
-    let text = "The Fulton County Grand Jury said Friday an investigation of Atlanta's recent \
-                primary election produced no evidence that any irregularities took place. The \
-                jury further said in term-end presentments that the City Executive Committee, \
-                which had over-all charge of the election, deserves the praise and thanks.";
-    let ids = tok.encode_with(text, opts);
+    let ids = common::jury_tokens(&tok);
     let (context, next) = ids.split_at(ids.len() - 4);
     let f32_fmt: KvFormat = "f32".parse().unwrap();
     let sha = kvpack::model::fetch::sha256_file(&common::model_path()).unwrap();

@@ -14,7 +14,7 @@ use kvpack::compact::{CompactedContext, HeadCompaction};
 use kvpack::kv::KvRecipe;
 use kvpack::model::llama::{Llama, Logits, Session};
 use kvpack::model::sampler::Sampler;
-use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
+use kvpack::model::{GgufFile, Tokenizer};
 
 const SINKS: usize = 4;
 
@@ -63,15 +63,7 @@ fn continue_greedy(
 fn ragged_compacted_contexts_continue_like_masked_uniform_ones() {
     let file = GgufFile::open(common::model_path()).unwrap();
     let tok = Tokenizer::from_gguf(&file).unwrap();
-    let opts = EncodeOptions {
-        parse_special: false,
-        add_special: true,
-    };
-    let text = "The Fulton County Grand Jury said Friday an investigation of Atlanta's recent \
-                primary election produced no evidence that any irregularities took place. The \
-                jury further said in term-end presentments that the City Executive Committee, \
-                which had over-all charge of the election, deserves the praise and thanks.";
-    let ids = tok.encode_with(text, opts);
+    let ids = common::jury_tokens(&tok);
     let (context, next) = ids.split_at(ids.len() - 4);
     let f32_fmt: KvFormat = "f32".parse().unwrap();
     let sha = kvpack::model::fetch::sha256_file(&common::model_path()).unwrap();

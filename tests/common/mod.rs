@@ -58,3 +58,17 @@ pub fn model_path() -> std::path::PathBuf {
     );
     p
 }
+
+/// The compaction tests' short context: the first sentences of Brown ca01, encoded as the
+/// evaluation commands encode a text.
+pub fn jury_tokens(tok: &kvpack::model::Tokenizer) -> Vec<u32> {
+    let text = "The Fulton County Grand Jury said Friday an investigation of Atlanta's recent \
+                primary election produced no evidence that any irregularities took place. The \
+                jury further said in term-end presentments that the City Executive Committee, \
+                which had over-all charge of the election, deserves the praise and thanks.";
+    let opts = kvpack::model::EncodeOptions {
+        parse_special: false,
+        add_special: true,
+    };
+    tok.encode_with(text, opts)
+}
