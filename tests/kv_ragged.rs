@@ -23,6 +23,37 @@ const CAP: usize = 48;
 /// longest (20) in both layers' different heads.
 const LENS: [[usize; 2]; 3] = [[20, 13], [2, 20], [3, 9]];
 
+/// Append `n` tokens (keys `k`, values `v`: n × KV heads × d) to every layer of `cache` and
+/// attend with queries `q` in one batch; the status word must stay 0. Returns each layer's
+/// output.
+fn append_and_attend(
+    gpu: &kvpack::gpu::Gpu,
+    cache: &mut KvCache,
+    n: usize,
+    k: &[f32],
+    v: &[f32],
+    q: &[f32],
+) -> Vec<Vec<f32>> {
+    let status = gpu.upload("status", &[0u32, u32::MAX]);
+    let first = cache.begin_tokens(gpu, n).unwrap();
+    let (kb, vb, qb) = (gpu.upload("k", k), gpu.upload("v", v), gpu.upload("q", q));
+    let scratch = AttentionScratch::new(gpu, SHAPE, n, CAP);
+    let outs: Vec<_> = (0..LENS.len())
+        .map(|_| gpu.zeros::<f32>("out", q.len()))
+        .collect();
+    let mut b = gpu.batch("step");
+    for (l, out) in outs.iter().enumerate() {
+        cache
+            .append_into(gpu, &mut b, l, first, n, &kb, &vb, &status)
+            .unwrap();
+        let regions = cache.pages(l);
+        decode_attention_into(gpu, &mut b, SHAPE, &regions, &qb, n, &scratch, out).unwrap();
+    }
+    b.submit();
+    assert_eq!(gpu.read_blocking(&status).unwrap()[0], 0);
+    outs.iter().map(|o| gpu.read_blocking(o).unwrap()).collect()
+}
+
 fn config(format: &str) -> KvConfig {
     KvConfig {
         n_layer: LENS.len(),
@@ -100,33 +131,14 @@ fn ragged_heads_attend_to_their_own_tokens() {
                 assert_eq!(cache.head_len(l, h), t);
             }
         }
-        let status = gpu.upload("status", &[0u32, u32::MAX]);
         // Appends of several tokens (a prompt chunk) and of one (decoding), every head continuing
         // after its own tokens.
         for n in [5usize, 1, 3] {
             let ctx = format!("{} after {} appended", gpu.backend_name(), n);
-            let first = cache.begin_tokens(&gpu, n).unwrap();
             let k_new = rng.gauss(n * kvh * d);
             let v_new = rng.gauss(n * kvh * d);
-            let kb = gpu.upload("k", &k_new);
-            let vb = gpu.upload("v", &v_new);
             let q = rng.gauss(n * SHAPE.n_heads * d);
-            let qb = gpu.upload("q", &q);
-            let scratch = AttentionScratch::new(&gpu, SHAPE, n, CAP);
-            let outs: Vec<_> = (0..LENS.len())
-                .map(|_| gpu.zeros::<f32>("out", q.len()))
-                .collect();
-            let mut b = gpu.batch("step");
-            for (l, out) in outs.iter().enumerate() {
-                cache
-                    .append_into(&gpu, &mut b, l, first, n, &kb, &vb, &status)
-                    .unwrap();
-                let regions = cache.pages(l);
-                decode_attention_into(&gpu, &mut b, SHAPE, &regions, &qb, n, &scratch, out)
-                    .unwrap();
-            }
-            b.submit();
-            assert_eq!(gpu.read_blocking(&status).unwrap()[0], 0, "{ctx}");
+            let outs = append_and_attend(&gpu, &mut cache, n, &k_new, &v_new, &q);
             for (l, out) in outs.iter().enumerate() {
                 let layer = &mut heads[l];
                 for (h, (k, v, bias)) in layer.iter_mut().enumerate() {
@@ -147,8 +159,7 @@ fn ragged_heads_attend_to_their_own_tokens() {
                     .collect();
                 let bias: Vec<Vec<f32>> = layer.iter().map(|(_, _, b)| b.clone()).collect();
                 let want = reference_attention(SHAPE, &q, n, &keys, &values, Some(&bias));
-                let got = gpu.read_blocking(out).unwrap();
-                for (r, (g, w)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
+                for (r, (g, w)) in out.chunks(d).zip(want.chunks(d)).enumerate() {
                     let diff = g
                         .iter()
                         .zip(w)
@@ -310,31 +321,12 @@ fn ragged_heads_match_masked_uniform_heads_in_quantized_formats() {
                 let mut cache = KvCache::new(&gpu, config(format)).unwrap();
                 load(&gpu, &mut cache, heads, true);
                 let mut rng = Rng::new(99);
-                let status = gpu.upload("status", &[0u32, u32::MAX]);
                 let mut got = Vec::new();
                 for n in [4usize, 1] {
-                    let first = cache.begin_tokens(&gpu, n).unwrap();
-                    let kb = gpu.upload("k", &rng.gauss(n * kvh * d));
-                    let vb = gpu.upload("v", &rng.gauss(n * kvh * d));
+                    let k = rng.gauss(n * kvh * d);
+                    let v = rng.gauss(n * kvh * d);
                     let q = rng.gauss(n * SHAPE.n_heads * d);
-                    let qb = gpu.upload("q", &q);
-                    let scratch = AttentionScratch::new(&gpu, SHAPE, n, CAP);
-                    let outs: Vec<_> = (0..LENS.len())
-                        .map(|_| gpu.zeros::<f32>("out", q.len()))
-                        .collect();
-                    let mut b = gpu.batch("step");
-                    for (l, out) in outs.iter().enumerate() {
-                        cache
-                            .append_into(&gpu, &mut b, l, first, n, &kb, &vb, &status)
-                            .unwrap();
-                        let regions = cache.pages(l);
-                        decode_attention_into(&gpu, &mut b, SHAPE, &regions, &qb, n, &scratch, out)
-                            .unwrap();
-                    }
-                    b.submit();
-                    for out in &outs {
-                        got.push(gpu.read_blocking(out).unwrap());
-                    }
+                    got.extend(append_and_attend(&gpu, &mut cache, n, &k, &v, &q));
                 }
                 outs.push(got);
             }
