@@ -8,8 +8,8 @@ mod common;
 
 use kvpack::codec::KvFormat;
 use kvpack::compact::{
-    compact_context, CompactedContext, ContextShape, FitOptions, HeadBudgets, HeadCompaction, Job,
-    Method, BUDGET_FACTORS, MIN_HEAD_TOKENS,
+    compact_context, CompactedContext, ContextShape, FitFor, FitOptions, HeadBudgets,
+    HeadCompaction, Job, Method, Selection, BUDGET_FACTORS, MIN_HEAD_TOKENS,
 };
 use kvpack::kv::KvRecipe;
 use kvpack::model::llama::{Llama, Logits, Session};
@@ -99,6 +99,17 @@ fn compacted_sessions_continue_from_the_context() {
                 method: Method::AmMixWindow,
                 budget,
                 head_budgets: HeadBudgets::Sensitivity,
+                selection: Selection::Omp,
+                fit_for: None,
+            },
+            // β and values fitted to the keys as a turbo4 cache stores them.
+            Job {
+                fit_for: Some(FitFor {
+                    format: "turbo4".parse().unwrap(),
+                    sinks: 4,
+                    seed: kvpack::kv::DEFAULT_SEED,
+                }),
+                ..Job::uniform(Method::Am, budget)
             },
         ];
         let (out, timings) = pollster::block_on(compact_context(
@@ -111,7 +122,7 @@ fn compacted_sessions_continue_from_the_context() {
             &FitOptions::default(),
         ))
         .unwrap();
-        assert_eq!(timings.fit_s.len(), 3);
+        assert_eq!(timings.fit_s.len(), 4);
         let am = &out[0];
         assert_eq!(am.uniform_len(), Some(budget));
         assert!(am
@@ -189,6 +200,27 @@ fn compacted_sessions_continue_from_the_context() {
         let mut s =
             Session::from_compacted(&gpu, &model, &KvRecipe::plain(turbo, 4), sens, 8).unwrap();
         assert_eq!(s.cache().stored_tokens(), total);
+        let logits = pollster::block_on(s.forward(&gpu, next, Logits::All)).unwrap();
+        assert!(logits.iter().all(|x| x.is_finite()));
+        // Fitted to turbo4's stored keys: the same keys as plain am (the cache quantizes them),
+        // other biases and values, and it runs in a turbo4 cache.
+        let stored = &out[3];
+        for (x, y) in stored
+            .layers
+            .iter()
+            .flatten()
+            .zip(am.layers.iter().flatten())
+        {
+            assert_eq!((&x.positions, &x.keys), (&y.positions, &y.keys));
+        }
+        let moved = |f: fn(&HeadCompaction) -> &Vec<f32>| {
+            (stored.layers.iter().flatten())
+                .zip(am.layers.iter().flatten())
+                .any(|(x, y)| f(x) != f(y))
+        };
+        assert!(moved(|h| &h.bias) && moved(|h| &h.values));
+        let mut s =
+            Session::from_compacted(&gpu, &model, &KvRecipe::plain(turbo, 4), stored, 8).unwrap();
         let logits = pollster::block_on(s.forward(&gpu, next, Logits::All)).unwrap();
         assert!(logits.iter().all(|x| x.is_finite()));
         // Streaming keeps the sinks and the latest tokens, no biases.

@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvpack::codec::KvFormat;
 use kvpack::compact::{
-    compact_context, Captured, CompactTimings, CompactedContext, ContextShape, FitOptions,
-    HeadBudgets, HeadCompaction, Job, Method,
+    compact_context, Captured, CompactTimings, CompactedContext, ContextShape, FitFor, FitOptions,
+    HeadBudgets, HeadCompaction, Job, Method, Selection,
 };
 use kvpack::gpu::Gpu;
 use kvpack::kv::KvRecipe;
@@ -41,6 +41,25 @@ impl From<BudgetArg> for HeadBudgets {
         match b {
             BudgetArg::Uniform => HeadBudgets::Uniform,
             BudgetArg::Sensitivity => HeadBudgets::Sensitivity,
+        }
+    }
+}
+
+/// `--selection`: how Attention Matching picks the keys it keeps. `highest` takes the keys of
+/// highest RMS attention over the reference queries (HighestAttnKeys); `omp` picks them one at a
+/// time by orthogonal matching pursuit on the attention mass, refitting the biases after each
+/// pick (slower; keys that together cover the mass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SelectionArg {
+    Highest,
+    Omp,
+}
+
+impl From<SelectionArg> for Selection {
+    fn from(s: SelectionArg) -> Selection {
+        match s {
+            SelectionArg::Highest => Selection::HighestAttention,
+            SelectionArg::Omp => Selection::Omp,
         }
     }
 }
@@ -99,6 +118,15 @@ pub struct CompactionArgs {
     /// or both (`uniform,sensitivity`: a row for each).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "uniform")]
     head_budgets: Vec<BudgetArg>,
+    /// How Attention Matching picks its keys: `highest` (HighestAttnKeys), `omp` (orthogonal
+    /// matching pursuit on the attention mass), or both (`highest,omp`: a row for each).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "highest")]
+    selection: Vec<SelectionArg>,
+    /// Attention Matching fits β and the values to the keys as each --kv format stores them
+    /// (quantized, sinks in f16), so they absorb part of the keys' quantization error: one
+    /// compaction per format, each measured in its own format.
+    #[arg(long)]
+    fit_to_kv: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -108,6 +136,8 @@ pub struct CompactionArgs {
 struct Row {
     method: String,
     head_budgets: String,
+    selection: String,
+    fitted_to_kv: bool,
     ratio: f64,
     kv: String,
     tokens_per_head: usize,
@@ -317,22 +347,40 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         for &r in &a.ratios {
             let budget = ((a.context as f64 / r).round() as usize).max(1);
             for &hb in &a.head_budgets {
-                // The baselines keep the same tokens in every head.
+                // The baselines keep the same tokens in every head and pick them their own way.
                 if hb == BudgetArg::Sensitivity && !m.is_attention_matching() {
                     continue;
                 }
-                jobs.push((
-                    Job {
+                let selections = if m.is_attention_matching() {
+                    &a.selection[..]
+                } else {
+                    &[SelectionArg::Highest][..]
+                };
+                for &sel in selections {
+                    let job = Job {
                         method: m,
                         budget,
                         head_budgets: hb.into(),
-                    },
-                    r,
-                ));
+                        selection: sel.into(),
+                        fit_for: None,
+                    };
+                    if a.fit_to_kv && m.is_attention_matching() {
+                        for &f in &formats {
+                            let fit_for = Some(FitFor {
+                                format: f,
+                                sinks: a.sinks,
+                                seed: kvpack::kv::DEFAULT_SEED,
+                            });
+                            jobs.push((Job { fit_for, ..job }, r, vec![f]));
+                        }
+                    } else {
+                        jobs.push((job, r, formats.clone()));
+                    }
+                }
             }
         }
     }
-    let job_list: Vec<Job> = jobs.iter().map(|&(j, _)| j).collect();
+    let job_list: Vec<Job> = jobs.iter().map(|&(j, _, _)| j).collect();
     let fit = a.fit.options();
     let run = compact_tokens(
         &gpu,
@@ -390,7 +438,8 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     let kv_bytes_f16_full = (2 * c.n_layer * c.n_head_kv * a.context * c.head_dim * 2) as u64;
     let gap = |none: f64, full: f64, x: f64| (none - x) / (none - full);
     let mut rows = Vec::new();
-    for (j, &(job, r)) in jobs.iter().enumerate() {
+    for (j, (job, r, measured)) in jobs.iter().enumerate() {
+        let (job, r) = (*job, *r);
         let (m, budget) = (job.method, job.budget);
         let scores_s = match m {
             m if m.mixes_references() => {
@@ -401,7 +450,7 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
             // With H2O in the same run, SnapKV's scores are H2O's, over every position.
             _ => timings.context_scores_s,
         };
-        for &f in &formats {
+        for &f in measured {
             log(&format!("measuring: {m} {r}x {f}"));
             let got = measure(
                 &gpu,
@@ -418,6 +467,12 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
                     HeadBudgets::Uniform => "uniform".into(),
                     HeadBudgets::Sensitivity => "sensitivity".into(),
                 },
+                selection: if m.is_attention_matching() {
+                    job.selection.to_string()
+                } else {
+                    "-".into()
+                },
+                fitted_to_kv: job.fit_for.is_some(),
                 ratio: r,
                 kv: f.to_string(),
                 tokens_per_head: budget,
@@ -477,14 +532,25 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
                 .join("/")
         );
         println!(
-            "{:<14} {:<11} {:>6} {:<8} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",
-            "method", "heads", "ratio", "kv", "ppl", "gap", "recall", "gap", "KV bytes", "seconds"
+            "{:<14} {:<11} {:<7} {:>6} {:<8} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",
+            "method",
+            "heads",
+            "keys",
+            "ratio",
+            "kv",
+            "ppl",
+            "gap",
+            "recall",
+            "gap",
+            "KV bytes",
+            "seconds"
         );
         for r in &rows {
             println!(
-                "{:<14} {:<11} {:>6} {:<8} {:>9.3} {:>6.3} {:>9.3} {:>6.3} {:>10} {:>8.1}",
+                "{:<14} {:<11} {:<7} {:>6} {:<8} {:>9.3} {:>6.3} {:>9.3} {:>6.3} {:>10} {:>8.1}",
                 r.method,
                 r.head_budgets,
+                r.selection,
                 r.ratio,
                 r.kv,
                 r.ppl,
@@ -521,6 +587,14 @@ pub struct CompactArgs {
     /// How Attention Matching shares the tokens among heads: uniform or sensitivity.
     #[arg(long, value_enum, default_value_t = BudgetArg::Uniform)]
     head_budgets: BudgetArg,
+    /// How Attention Matching picks its keys: highest (HighestAttnKeys) or omp (orthogonal
+    /// matching pursuit on the attention mass; slower).
+    #[arg(long, value_enum, default_value_t = SelectionArg::Highest)]
+    selection: SelectionArg,
+    /// Attention Matching fits β and the values to the keys as --kv stores them (quantized;
+    /// the first 4 tokens in f16, as `generate --cache` loads them by default).
+    #[arg(long)]
+    fit_to_kv: bool,
     /// KV format the compacted tokens are stored in when the file is loaded.
     #[arg(long, default_value = "f32")]
     kv: String,
@@ -565,6 +639,12 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
             method,
             budget,
             head_budgets: a.head_budgets.into(),
+            selection: a.selection.into(),
+            fit_for: a.fit_to_kv.then_some(FitFor {
+                format: kv,
+                sinks: 4,
+                seed: kvpack::kv::DEFAULT_SEED,
+            }),
         }],
         a.reference_positions,
         4,

@@ -3,7 +3,7 @@
 
 use super::{allocate_budgets, compact_head, fit_error, head_scores, CompactError};
 use super::{CompactedContext, FitOptions, HeadBudgets, HeadCompaction, HeadInputs, Job};
-use super::{HeadScores, Method, BUDGET_FACTORS, MIN_HEAD_TOKENS, SNAPKV_WINDOW};
+use super::{HeadScores, Method, StoredKeys, BUDGET_FACTORS, MIN_HEAD_TOKENS, SNAPKV_WINDOW};
 
 /// Post-RoPE queries, keys and values of every layer, recorded while a model read a text.
 #[derive(Clone, Debug, Default)]
@@ -157,6 +157,19 @@ pub async fn compact_context(
         for o in out.iter_mut() {
             o.layers.push(Vec::with_capacity(nkv));
         }
+        // Per job fitted to a cache's stored keys, this layer's key codec.
+        let key_codecs: Vec<Option<(crate::codec::Codec, usize)>> = jobs
+            .iter()
+            .map(|job| match job.fit_for {
+                Some(f) if job.method.is_attention_matching() => {
+                    crate::kv::layer_codecs(f.format, d, f.seed, l)
+                        .map(|(k, _)| Some((k, f.sinks)))
+                        .map_err(|e| CompactError::Invalid(format!("layer {l}: {e}")))
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        let needs_queries = key_codecs.iter().any(Option::is_some);
         for h in 0..nkv {
             let gather_kv = |x: &[f32]| -> Vec<f32> {
                 (0..t_ctx)
@@ -167,25 +180,30 @@ pub async fn compact_context(
             let keys = gather_kv(&context.k[l]);
             let values = gather_kv(&context.v[l]);
             let t0 = now_s();
-            let ctx_scores: Option<HeadScores> = if ctx_positions.is_empty() {
-                None
-            } else {
-                let q = gather_queries(&context.q[l], &shape, h, &ctx_positions);
-                Some(head_scores(gpu, &q, &ctx_lens, &keys, &values, d).await?)
+            let ctx_q = (!ctx_positions.is_empty())
+                .then(|| gather_queries(&context.q[l], &shape, h, &ctx_positions));
+            let ctx_scores: Option<HeadScores> = match &ctx_q {
+                Some(q) => Some(head_scores(gpu, q, &ctx_lens, &keys, &values, d).await?),
+                None => None,
             };
             let t1 = now_s();
-            let ref_scores: Option<HeadScores> = match reference {
-                Some(r) if needs_ref => {
-                    let q = gather_queries(&r.q[l], &shape, h, &ref_positions);
-                    Some(head_scores(gpu, &q, &ref_lens, &keys, &values, d).await?)
-                }
+            let ref_q = match reference {
+                Some(r) if needs_ref => Some(gather_queries(&r.q[l], &shape, h, &ref_positions)),
                 _ => None,
+            };
+            let ref_scores: Option<HeadScores> = match &ref_q {
+                Some(q) => Some(head_scores(gpu, q, &ref_lens, &keys, &values, d).await?),
+                None => None,
             };
             let t2 = now_s();
             timings.context_scores_s += t1 - t0;
             timings.reference_scores_s += t2 - t1;
             let mixed = match (&ref_scores, &ctx_scores) {
                 (Some(r), Some(c)) if needs_mix => Some(r.concat(c)),
+                _ => None,
+            };
+            let mixed_q = match (&ref_q, &ctx_q) {
+                (Some(r), Some(c)) if needs_mix && needs_queries => Some([&r[..], c].concat()),
                 _ => None,
             };
             let inputs = HeadInputs {
@@ -195,16 +213,32 @@ pub async fn compact_context(
                 context: ctx_scores.as_ref(),
                 rows_per_position: group,
                 reference: ref_scores.as_ref(),
+                reference_queries: ref_q.as_deref(),
             };
             let mixed_inputs = HeadInputs {
                 reference: mixed.as_ref(),
+                reference_queries: mixed_q.as_deref(),
                 ..inputs
             };
             let context_inputs = HeadInputs {
                 reference: ctx_scores.as_ref(),
+                reference_queries: ctx_q.as_deref(),
                 ..inputs
             };
-            for (j, &Job { method, budget, .. }) in jobs.iter().enumerate() {
+            for (
+                j,
+                &Job {
+                    method,
+                    budget,
+                    selection,
+                    ..
+                },
+            ) in jobs.iter().enumerate()
+            {
+                let stored = key_codecs[j].as_ref().map(|(codec, sinks)| StoredKeys {
+                    codec,
+                    sinks: *sinks,
+                });
                 let s = now_s();
                 let which = if method.mixes_references() {
                     &mixed_inputs
@@ -224,12 +258,12 @@ pub async fn compact_context(
                     sizes.dedup();
                     let mut c: Candidates = Vec::with_capacity(sizes.len());
                     for t in sizes {
-                        let hc = compact_head(method, which, t, opts)?;
+                        let hc = compact_head(method, selection, which, t, opts, stored)?;
                         c.push((hc.len(), fit_error(refs, &hc, d), hc));
                     }
                     per_head.push(c);
                 } else {
-                    let hc = compact_head(method, which, budget, opts)?;
+                    let hc = compact_head(method, selection, which, budget, opts, stored)?;
                     out[j].layers[l].push(hc);
                 }
                 timings.fit_s[j] += now_s() - s;

@@ -7,18 +7,32 @@ use nalgebra::{DMatrix, DVector};
 /// normal equations (t is small: the Gram matrix is t × t). `w` holds the starting point and
 /// receives the solution. `ridge` (relative to the mean diagonal) keeps flat directions tame.
 pub fn nnls(a: &DMatrix<f64>, b: &DVector<f64>, w: &mut DVector<f64>, sweeps: usize, ridge: f64) {
-    let t = a.ncols();
+    if a.ncols() == 0 {
+        return;
+    }
+    nnls_gram(a.tr_mul(a), &a.tr_mul(b), w, sweeps, ridge);
+}
+
+/// [`nnls`] given the normal equations: the Gram matrix `g` = AᵀA (t × t, consumed) and
+/// `c` = Aᵀb. Greedy selections that grow A one column at a time keep `g` up to date instead
+/// of recomputing it.
+pub fn nnls_gram(
+    mut g: DMatrix<f64>,
+    c: &DVector<f64>,
+    w: &mut DVector<f64>,
+    sweeps: usize,
+    ridge: f64,
+) {
+    let t = g.ncols();
     if t == 0 {
         return;
     }
-    let mut g = a.tr_mul(a);
     let mean_diag = g.diagonal().sum() / t as f64;
     for j in 0..t {
         g[(j, j)] += ridge * mean_diag + f64::MIN_POSITIVE;
     }
-    let c = a.tr_mul(b);
     // grad = G w − c
-    let mut grad = &g * &*w - &c;
+    let mut grad = &g * &*w - c;
     for _ in 0..sweeps {
         let mut moved = 0.0f64;
         let mut scale = 0.0f64;

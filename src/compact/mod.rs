@@ -27,7 +27,7 @@ pub use context::{compact_context, Captured, CompactTimings, ContextShape};
 /// method keeps its sinks and fits at least as many tokens.
 pub const MIN_HEAD_TOKENS: usize = 2 * SINK_TOKENS;
 
-pub use fit::{nnls, ridge_toward};
+pub use fit::{nnls, nnls_gram, ridge_toward};
 pub use scores::{head_scores, head_scores_with, reference_head_scores, HeadScores, ScoresKernel};
 
 use nalgebra::{DMatrix, DVector};
@@ -181,6 +181,41 @@ pub enum HeadBudgets {
     Sensitivity,
 }
 
+/// How Attention Matching picks the original keys it keeps (before fitting β and values).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Selection {
+    /// HighestAttnKeys: the keys of highest RMS attention probability over the reference
+    /// queries ([`select_highest_attention`]).
+    #[default]
+    HighestAttention,
+    /// Greedy orthogonal matching pursuit on the attention-mass residual, the weights refitted
+    /// by NNLS after every pick ([`select_omp`]): slower; picks keys that together cover the
+    /// mass rather than keys that each score high.
+    Omp,
+}
+
+impl std::str::FromStr for Selection {
+    type Err = CompactError;
+    fn from_str(s: &str) -> Result<Selection, CompactError> {
+        match s.trim() {
+            "highest" | "highest-attention" => Ok(Selection::HighestAttention),
+            "omp" => Ok(Selection::Omp),
+            other => Err(CompactError::Invalid(format!(
+                "unknown key selection {other:?}: use highest or omp"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Selection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Selection::HighestAttention => "highest",
+            Selection::Omp => "omp",
+        })
+    }
+}
+
 /// The head sizes [`HeadBudgets::Sensitivity`] chooses among, as multiples of the job's budget.
 pub const BUDGET_FACTORS: [f64; 4] = [0.5, 1.0, 2.0, 3.0];
 
@@ -195,6 +230,46 @@ pub struct FitOptions {
     pub recent_fraction: f64,
 }
 
+/// The cache a compaction is fitted for ([`Job::fit_for`]): Attention Matching then fits β and
+/// the values to the keys as that cache will store them (quantized, the sinks in f16), so the
+/// biases and values absorb part of the keys' quantization error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FitFor {
+    /// The format the compacted tokens will be stored in.
+    pub format: crate::codec::KvFormat,
+    /// The cache's sinks: each head's first `sinks` kept tokens are stored in f16.
+    pub sinks: usize,
+    /// The cache's rotation seed ([`crate::kv::DEFAULT_SEED`] for sessions).
+    pub seed: u64,
+}
+
+/// A head's keys as its cache will store them, for [`compact_head`].
+#[derive(Clone, Copy)]
+pub struct StoredKeys<'a> {
+    /// The key codec of the head's layer ([`crate::kv::layer_codecs`]).
+    pub codec: &'a crate::codec::Codec,
+    /// Kept tokens stored in f16 first (the cache's sinks).
+    pub sinks: usize,
+}
+
+impl StoredKeys<'_> {
+    /// `keys` (`n × d`, the head's kept tokens in position order) as the cache will read them.
+    pub fn seen(&self, keys: &[f32], d: usize) -> Vec<f32> {
+        let exact = (self.sinks * d).min(keys.len());
+        let mut out: Vec<f32> = keys[..exact]
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect();
+        if keys.len() > exact {
+            match self.codec.encode_lossy(&keys[exact..]) {
+                Ok((enc, _)) => out.extend(self.codec.decode(&enc)),
+                Err(_) => out.extend_from_slice(&keys[exact..]),
+            }
+        }
+        out
+    }
+}
+
 /// One compaction that [`compact_context`] computes: a method, the tokens each head keeps (on
 /// average, with [`HeadBudgets::Sensitivity`]) and how they are shared among heads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +280,11 @@ pub struct Job {
     pub budget: usize,
     /// How the tokens are shared among heads.
     pub head_budgets: HeadBudgets,
+    /// How Attention Matching picks the keys it keeps (the baselines ignore it).
+    pub selection: Selection,
+    /// Attention Matching fits β and values to the keys as this cache stores them (`None`:
+    /// to the exact keys). The baselines ignore it.
+    pub fit_for: Option<FitFor>,
 }
 
 impl Job {
@@ -214,6 +294,8 @@ impl Job {
             method,
             budget,
             head_budgets: HeadBudgets::Uniform,
+            selection: Selection::HighestAttention,
+            fit_for: None,
         }
     }
 }
@@ -451,18 +533,24 @@ pub fn select_snapkv(ctx: &HeadScores, obs_rows: usize, budget: usize) -> Vec<us
     sorted(picked.into_iter().chain(prefix..n_k).collect())
 }
 
-/// HighestAttnKeys: the keys of highest RMS attention probability over the reference queries,
-/// `budget` in all, always including `fixed`.
-pub fn select_highest_attention(refs: &HeadScores, budget: usize, fixed: &[usize]) -> Vec<usize> {
-    let n_k = refs.n_k;
-    let budget = budget.min(n_k);
-    let mut ms = vec![0f64; n_k];
+/// Per key, the mean square of its attention probability over the rows of `refs`.
+fn mean_square_attention(refs: &HeadScores) -> Vec<f64> {
+    let mut ms = vec![0f64; refs.n_k];
     for i in 0..refs.n_q {
         for (j, m) in ms.iter_mut().enumerate() {
             let p = refs.prob(i, j) as f64;
             *m += p * p;
         }
     }
+    ms
+}
+
+/// HighestAttnKeys: the keys of highest RMS attention probability over the reference queries,
+/// `budget` in all, always including `fixed`.
+pub fn select_highest_attention(refs: &HeadScores, budget: usize, fixed: &[usize]) -> Vec<usize> {
+    let n_k = refs.n_k;
+    let budget = budget.min(n_k);
+    let ms = mean_square_attention(refs);
     let mut is_fixed = vec![false; n_k];
     for &f in fixed {
         is_fixed[f] = true;
@@ -472,9 +560,109 @@ pub fn select_highest_attention(refs: &HeadScores, budget: usize, fixed: &[usize
     sorted(picked.into_iter().chain(fixed.iter().copied()).collect())
 }
 
+/// Orthogonal matching pursuit on the attention mass, `budget` keys in all, always including
+/// `fixed`. With a_ij = e_ij / Σ_k e_ik (row i's attention probabilities) and the target
+/// b_i = 1 − Σ_{j fixed} a_ij, each step picks the key whose column correlates best with the
+/// residual r = b − A_S w (correlation over the column's norm, positive only, since w ≥ 0),
+/// then refits w ≥ 0 on the picked set by NNLS (`sweeps` coordinate-descent sweeps, warm
+/// started). When no key correlates positively any more (the mass is matched), the rest of
+/// the budget goes by highest RMS attention. Cost per step: one pass over the n × T scores.
+pub fn select_omp(refs: &HeadScores, budget: usize, fixed: &[usize], sweeps: usize) -> Vec<usize> {
+    let n_k = refs.n_k;
+    let budget = budget.min(n_k);
+    let mut chosen = vec![false; n_k];
+    for &f in fixed {
+        chosen[f] = true;
+    }
+    let free = budget.saturating_sub(fixed.len());
+    let rows: Vec<usize> = (0..refs.n_q).filter(|&i| refs.sum[i] > 0.0).collect();
+    let row = |i: usize| &refs.e[i * n_k..(i + 1) * n_k];
+    let inv: Vec<f64> = rows.iter().map(|&i| 1.0 / refs.sum[i] as f64).collect();
+    let b: Vec<f64> = rows
+        .iter()
+        .zip(&inv)
+        .map(|(&i, &s)| 1.0 - fixed.iter().map(|&f| row(i)[f] as f64).sum::<f64>() * s)
+        .collect();
+    let mut norm2 = vec![0f64; n_k];
+    for (&i, &s) in rows.iter().zip(&inv) {
+        for (n, &e) in norm2.iter_mut().zip(row(i)) {
+            let a = e as f64 * s;
+            *n += a * a;
+        }
+    }
+    let mut picked: Vec<usize> = Vec::with_capacity(free);
+    let mut gram = DMatrix::<f64>::zeros(0, 0);
+    let mut c = DVector::<f64>::zeros(0);
+    let mut w = DVector::<f64>::zeros(0);
+    let mut resid = b.clone();
+    let mut corr = vec![0f64; n_k];
+    while picked.len() < free {
+        corr.fill(0.0);
+        for ((&i, &s), &r) in rows.iter().zip(&inv).zip(&resid) {
+            let rs = r * s;
+            if rs != 0.0 {
+                for (cj, &e) in corr.iter_mut().zip(row(i)) {
+                    *cj += rs * e as f64;
+                }
+            }
+        }
+        let best = (0..n_k)
+            .filter(|&j| !chosen[j] && norm2[j] > 0.0 && corr[j] > 0.0)
+            .max_by(|&x, &y| {
+                (corr[x] / norm2[x].sqrt())
+                    .total_cmp(&(corr[y] / norm2[y].sqrt()))
+                    .then(y.cmp(&x))
+            });
+        let Some(j) = best else { break };
+        // Grow the normal equations by key j's column.
+        let t = picked.len();
+        let mut cross = vec![0f64; t];
+        let mut cj = 0.0;
+        for ((&i, &s), &bi) in rows.iter().zip(&inv).zip(&b) {
+            let e = row(i);
+            let aj = e[j] as f64 * s;
+            if aj != 0.0 {
+                cj += aj * bi;
+                for (x, &p) in cross.iter_mut().zip(&picked) {
+                    *x += aj * e[p] as f64 * s;
+                }
+            }
+        }
+        gram = gram.resize(t + 1, t + 1, 0.0);
+        for (k, &x) in cross.iter().enumerate() {
+            gram[(k, t)] = x;
+            gram[(t, k)] = x;
+        }
+        gram[(t, t)] = norm2[j];
+        c = c.push(cj);
+        w = w.push((corr[j] / norm2[j]).max(0.0));
+        picked.push(j);
+        chosen[j] = true;
+        nnls_gram(gram.clone(), &c, &mut w, sweeps, 1e-6);
+        for ((&i, &s), (r, &bi)) in rows.iter().zip(&inv).zip(resid.iter_mut().zip(&b)) {
+            let e = row(i);
+            *r = bi
+                - picked
+                    .iter()
+                    .zip(w.iter())
+                    .map(|(&p, &wp)| e[p] as f64 * s * wp)
+                    .sum::<f64>();
+        }
+    }
+    if picked.len() < free {
+        let ms = mean_square_attention(refs);
+        let rest = top_n(&ms, (0..n_k).filter(|&j| !chosen[j]), free - picked.len());
+        picked.extend(rest);
+    }
+    sorted(picked.into_iter().chain(fixed.iter().copied()).collect())
+}
+
 /// Attention Matching's fit for one head: given the kept positions `idx` (ascending) and which of
 /// them are `fixed` (kept exact: β = 0, original value), fit β and the values of the others so
-/// the reference queries' attention mass and outputs match the full head's.
+/// the reference queries' attention mass and outputs match the full head's. With `stored`
+/// (the reference queries, `refs.n_q × d`, and how the cache stores keys), the kept keys' scores
+/// are recomputed from the keys as stored, so β and the values compensate their error.
+#[allow(clippy::too_many_arguments)]
 pub fn fit_head(
     refs: &HeadScores,
     keys: &[f32],
@@ -483,6 +671,7 @@ pub fn fit_head(
     idx: &[usize],
     fixed: &[bool],
     opts: &FitOptions,
+    stored: Option<(&[f32], StoredKeys<'_>)>,
 ) -> HeadCompaction {
     let mut out = HeadCompaction::keep(keys, values, d, idx);
     let free: Vec<usize> = (0..idx.len()).filter(|&c| !fixed[c]).collect();
@@ -491,21 +680,53 @@ pub fn fit_head(
         return out;
     }
     let n = rows.len();
+    // Per row, the kept keys' weights exp(s_ij − m_i): from the scores, or from the keys as
+    // the cache will store them.
+    let t = idx.len();
+    let kept_e: Vec<f32> = match stored {
+        Some((q, sk)) if q.len() == refs.n_q * d => {
+            let seen = sk.seen(&out.keys, d);
+            let scale = 1.0 / (d as f64).sqrt();
+            let mut ke = vec![0f32; refs.n_q * t];
+            for &i in &rows {
+                let qi = &q[i * d..][..d];
+                for c in 0..t {
+                    let s: f64 = qi
+                        .iter()
+                        .zip(&seen[c * d..][..d])
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum();
+                    ke[i * t + c] = (s * scale - refs.max[i] as f64).exp() as f32;
+                }
+            }
+            ke
+        }
+        _ => {
+            let mut ke = vec![0f32; refs.n_q * t];
+            for &i in &rows {
+                for (c, &j) in idx.iter().enumerate() {
+                    ke[i * t + c] = refs.e[i * refs.n_k + j];
+                }
+            }
+            ke
+        }
+    };
+    let kept = |i: usize| &kept_e[i * t..(i + 1) * t];
     // Mass: Σ_j e_ij w_j ≈ sum_i, each row divided by sum_i; fixed keys contribute w = 1.
     let mut a = DMatrix::<f64>::zeros(n, free.len());
     let mut b = DVector::<f64>::zeros(n);
     for (r, &i) in rows.iter().enumerate() {
         let inv = 1.0 / refs.sum[i] as f64;
-        let erow = &refs.e[i * refs.n_k..(i + 1) * refs.n_k];
+        let erow = kept(i);
         let mut fixed_mass = 0.0;
-        for (c, &j) in idx.iter().enumerate() {
+        for c in 0..t {
             if fixed[c] {
-                fixed_mass += erow[j] as f64;
+                fixed_mass += erow[c] as f64;
             }
         }
         b[r] = 1.0 - fixed_mass * inv;
         for (f, &c) in free.iter().enumerate() {
-            a[(r, f)] = erow[idx[c]] as f64 * inv;
+            a[(r, f)] = erow[c] as f64 * inv;
         }
     }
     // Start from the best common weight.
@@ -524,12 +745,8 @@ pub fn fit_head(
     let mut p = DMatrix::<f64>::zeros(n, free.len());
     let mut y = DMatrix::<f64>::zeros(n, d);
     for (r, &i) in rows.iter().enumerate() {
-        let erow = &refs.e[i * refs.n_k..(i + 1) * refs.n_k];
-        let den: f64 = idx
-            .iter()
-            .zip(&w_all)
-            .map(|(&j, &wj)| erow[j] as f64 * wj)
-            .sum();
+        let erow = kept(i);
+        let den: f64 = erow.iter().zip(&w_all).map(|(&e, &wj)| e as f64 * wj).sum();
         if den <= 0.0 {
             continue;
         }
@@ -537,7 +754,7 @@ pub fn fit_head(
             y[(r, c)] = refs.y[i * d + c] as f64;
         }
         for (c, &j) in idx.iter().enumerate() {
-            let pj = erow[j] as f64 * w_all[c] / den;
+            let pj = erow[c] as f64 * w_all[c] / den;
             if fixed[c] {
                 for k in 0..d {
                     y[(r, k)] -= pj * values[j * d + k] as f64;
@@ -545,7 +762,7 @@ pub fn fit_head(
             }
         }
         for (f, &c) in free.iter().enumerate() {
-            p[(r, f)] = erow[idx[c]] as f64 * w_all[c] / den;
+            p[(r, f)] = erow[c] as f64 * w_all[c] / den;
         }
     }
     let prior = DMatrix::from_fn(free.len(), d, |f, k| values[idx[free[f]] * d + k] as f64);
@@ -573,6 +790,8 @@ pub struct HeadInputs<'a> {
     /// Reference queries (Attention Matching; for `am-mix` and `am-mix-window`, the mixed set;
     /// for `am-ctx` and `am-ctx-window`, the context's own queries).
     pub reference: Option<&'a HeadScores>,
+    /// The queries of `reference`'s rows (`n_q × d`), for a fit to stored keys ([`FitFor`]).
+    pub reference_queries: Option<&'a [f32]>,
 }
 
 impl HeadScores {
@@ -603,12 +822,15 @@ fn scores_for<'a>(
     })
 }
 
-/// Compact one head to `budget` tokens with `method`.
+/// Compact one head to `budget` tokens with `method`, Attention Matching picking its keys by
+/// `selection`.
 pub fn compact_head(
     method: Method,
+    selection: Selection,
     inputs: &HeadInputs<'_>,
     budget: usize,
     opts: &FitOptions,
+    stored: Option<StoredKeys<'_>>,
 ) -> Result<HeadCompaction, CompactError> {
     let d = inputs.d;
     let n_k = inputs.keys.len() / d.max(1);
@@ -638,9 +860,31 @@ pub fn compact_head(
             } else {
                 Vec::new()
             };
-            let idx = select_highest_attention(refs, budget, &fixed_idx);
+            let idx = match selection {
+                Selection::HighestAttention => select_highest_attention(refs, budget, &fixed_idx),
+                Selection::Omp => select_omp(refs, budget, &fixed_idx, opts.nnls_sweeps),
+            };
             let fixed: Vec<bool> = idx.iter().map(|j| fixed_idx.contains(j)).collect();
-            fit_head(refs, inputs.keys, inputs.values, d, &idx, &fixed, opts)
+            let stored = match (stored, inputs.reference_queries) {
+                (Some(sk), Some(q)) if q.len() == refs.n_q * d => Some((q, sk)),
+                (Some(_), _) => {
+                    return Err(CompactError::Invalid(format!(
+                        "a fit to stored keys needs the {} reference queries of the head",
+                        refs.n_q
+                    )))
+                }
+                _ => None,
+            };
+            fit_head(
+                refs,
+                inputs.keys,
+                inputs.values,
+                d,
+                &idx,
+                &fixed,
+                opts,
+                stored,
+            )
         }
     })
 }

@@ -99,6 +99,25 @@ pub struct KvConfig {
     pub center_keys: bool,
 }
 
+/// The rotation seed sessions give their caches ([`KvConfig::seed`]).
+pub const DEFAULT_SEED: u64 = 0x6b76_7061_636b;
+
+/// The CPU reference codecs `(keys, values)` of layer `l` of a cache with rotation seed `seed`
+/// and format `format` for that layer: the cache encodes with the same rotations and codebooks,
+/// so these reproduce what it stores (compaction fits to the keys as they will be stored).
+pub fn layer_codecs(
+    format: KvFormat,
+    head_dim: usize,
+    seed: u64,
+    l: usize,
+) -> Result<(Codec, Codec), CodecError> {
+    let seed = seed.wrapping_add(2 * l as u64 * 0x9E37_79B9);
+    Ok((
+        Codec::with_seed(format.k, head_dim, seed)?,
+        Codec::with_seed(format.v, head_dim, seed + 1)?,
+    ))
+}
+
 impl KvConfig {
     /// The format of layer `l`.
     pub fn format_of(&self, l: usize) -> KvFormat {
@@ -205,9 +224,8 @@ impl KvCache {
         for l in 0..config.n_layer {
             let f = config.format_of(l);
             f.validate_dim(d)?;
-            let seed = config.seed.wrapping_add(2 * l as u64 * 0x9E37_79B9);
-            let k = GpuCodec::new(gpu, Codec::with_seed(f.k, d, seed)?);
-            let v = GpuCodec::new(gpu, Codec::with_seed(f.v, d, seed + 1)?);
+            let (k, v) = layer_codecs(f, d, config.seed, l)?;
+            let (k, v) = (GpuCodec::new(gpu, k), GpuCodec::new(gpu, v));
             // f16: d / 2 words per vector.
             let sink_words = (config.n_kv_heads * config.sinks * d / 2).max(1);
             let win_words = if config.recent > 0 {

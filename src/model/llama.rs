@@ -247,7 +247,7 @@ impl<'m> Session<'m> {
                 capacity,
                 format: recipe.format,
                 layer_formats: None,
-                seed: 0x6b76_7061_636b,
+                seed: crate::kv::DEFAULT_SEED,
                 sinks: recipe.sinks,
                 recent: recipe.recent,
                 center_keys: recipe.center_keys,
