@@ -690,7 +690,11 @@ pub fn fit_head(
             let mut ke = vec![0f32; refs.n_q * t];
             for &i in &rows {
                 let qi = &q[i * d..][..d];
-                for c in 0..t {
+                for (c, &j) in idx.iter().enumerate() {
+                    // A key the row does not see (causal rows) stays unseen.
+                    if refs.e[i * refs.n_k + j] == 0.0 {
+                        continue;
+                    }
                     let s: f64 = qi
                         .iter()
                         .zip(&seen[c * d..][..d])

@@ -606,6 +606,21 @@ fn a_fit_to_stored_keys_beats_a_fit_to_exact_keys_once_they_are_quantized() {
     for (a, b) in again.values.iter().zip(&exact.values) {
         assert!((a - b).abs() < 1e-3, "value {a} vs {b}");
     }
+    // Causal rows (each sees a prefix of the keys): the keys they do not see stay unseen.
+    let lens: Vec<u32> = (0..300).map(|i| (i * t / 300 + 1) as u32).collect();
+    let causal = reference_head_scores(&q_ref, &lens, &s.keys, &s.values, d).unwrap();
+    let causal_inputs = HeadInputs {
+        reference: Some(&causal),
+        ..inputs
+    };
+    let plain = compact_head(Method::Am, sel, &causal_inputs, 40, &opts, None).unwrap();
+    let again = compact_head(Method::Am, sel, &causal_inputs, 40, &opts, Some(same)).unwrap();
+    for (a, b) in again.bias.iter().zip(&plain.bias) {
+        assert!((a - b).abs() < 1e-4, "causal β {a} vs {b}");
+    }
+    for (a, b) in again.values.iter().zip(&plain.values) {
+        assert!((a - b).abs() < 1e-3, "causal value {a} vs {b}");
+    }
     // Without the reference queries the fit to stored keys is refused.
     let no_q = HeadInputs {
         reference_queries: None,
