@@ -24,6 +24,10 @@ pub struct FitArgs {
     /// am-window, am-mix-window: the share of each head's budget kept as an exact recent window.
     #[arg(long, default_value_t = FitOptions::default().recent_fraction, value_parser = parse_fraction)]
     recent_fraction: f64,
+    /// am-window, am-mix-window: the first N tokens kept exact as attention sinks (at most half
+    /// the budget; the others compete for the budget like any token).
+    #[arg(long, default_value_t = FitOptions::default().window_sinks)]
+    window_sinks: usize,
 }
 
 /// `--head-budgets`: how Attention Matching shares a job's tokens among heads. `uniform` keeps
@@ -68,6 +72,7 @@ impl FitArgs {
     fn options(&self) -> FitOptions {
         FitOptions {
             recent_fraction: self.recent_fraction,
+            window_sinks: self.window_sinks,
             ..FitOptions::default()
         }
     }

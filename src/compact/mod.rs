@@ -228,6 +228,9 @@ pub struct FitOptions {
     pub value_ridge: f64,
     /// `am-window`, `am-mix-window`: fraction of the budget kept as an exact recent window.
     pub recent_fraction: f64,
+    /// `am-window`, `am-mix-window`: the first tokens kept exact (attention sinks), at most
+    /// half the budget.
+    pub window_sinks: usize,
 }
 
 /// The cache a compaction is fitted for ([`Job::fit_for`]): Attention Matching then fits β and
@@ -306,6 +309,7 @@ impl Default for FitOptions {
             nnls_sweeps: 300,
             value_ridge: 1e-3,
             recent_fraction: 0.25,
+            window_sinks: SINK_TOKENS,
         }
     }
 }
@@ -856,7 +860,7 @@ pub fn compact_head(
         | Method::AmCtxWindow => {
             let refs = need(inputs.reference, "reference")?;
             let fixed_idx: Vec<usize> = if method.keeps_window() {
-                let sinks = SINK_TOKENS.min(budget / 2);
+                let sinks = opts.window_sinks.min(budget / 2);
                 let recent = ((budget as f64 * opts.recent_fraction) as usize)
                     .min(budget - sinks)
                     .min(n_k - sinks);

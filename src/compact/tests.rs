@@ -294,13 +294,21 @@ fn am_window_keeps_sinks_and_recent_tokens_exact() {
     };
     // Default share (a quarter: 8 of 32) and H2O's half (16 of 32); am-mix-window keeps the
     // same exact tokens (it differs from am-window only in the reference set it is given).
-    for (method, fraction, recent) in [
-        (Method::AmWindow, FitOptions::default().recent_fraction, 8),
-        (Method::AmWindow, 0.5, 16),
-        (Method::AmMixWindow, 0.5, 16),
+    // One exact sink instead of four: tokens 1..4 are kept only if selected, and then fitted.
+    for (method, fraction, recent, sinks) in [
+        (
+            Method::AmWindow,
+            FitOptions::default().recent_fraction,
+            8,
+            SINK_TOKENS,
+        ),
+        (Method::AmWindow, 0.5, 16, SINK_TOKENS),
+        (Method::AmMixWindow, 0.5, 16, SINK_TOKENS),
+        (Method::AmMixWindow, 0.5, 16, 1),
     ] {
         let opts = FitOptions {
             recent_fraction: fraction,
+            window_sinks: sinks,
             ..FitOptions::default()
         };
         let h = compact_head(
@@ -313,7 +321,7 @@ fn am_window_keeps_sinks_and_recent_tokens_exact() {
         )
         .unwrap();
         assert_eq!(h.len(), 32);
-        for p in (0..SINK_TOKENS).chain(t - recent..t) {
+        for p in (0..sinks).chain(t - recent..t) {
             let c = h.positions.iter().position(|&x| x as usize == p).unwrap();
             assert_eq!(h.bias[c], 0.0, "{method} keeps {p} exact");
             assert_eq!(&h.values[c * d..][..d], &s.values[p * d..][..d]);
@@ -322,9 +330,10 @@ fn am_window_keeps_sinks_and_recent_tokens_exact() {
         assert!(h.bias.iter().any(|&b| b != 0.0), "{method}");
         // Not one more recent token is pinned than asked: the token before the window is
         // kept only if selected, and then fitted.
-        let before = t - recent - 1;
-        if let Some(c) = h.positions.iter().position(|&x| x as usize == before) {
-            assert!(h.bias[c] != 0.0 || h.values[c * d..][..d] != s.values[before * d..][..d]);
+        for p in (sinks..SINK_TOKENS).chain([t - recent - 1]) {
+            if let Some(c) = h.positions.iter().position(|&x| x as usize == p) {
+                assert!(h.bias[c] != 0.0 || h.values[c * d..][..d] != s.values[p * d..][..d]);
+            }
         }
     }
 }
