@@ -52,11 +52,13 @@ impl From<BudgetArg> for HeadBudgets {
 /// `--selection`: how Attention Matching picks the keys it keeps. `highest` takes the keys of
 /// highest RMS attention over the reference queries (HighestAttnKeys); `omp` picks them one at a
 /// time by orthogonal matching pursuit on the attention mass, refitting the biases after each
-/// pick (slower; keys that together cover the mass).
+/// pick (slower; keys that together cover the mass); `accumulated` takes H2O's heavy hitters
+/// (attention summed over the reference queries) and fits them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SelectionArg {
     Highest,
     Omp,
+    Accumulated,
 }
 
 impl From<SelectionArg> for Selection {
@@ -64,6 +66,7 @@ impl From<SelectionArg> for Selection {
         match s {
             SelectionArg::Highest => Selection::HighestAttention,
             SelectionArg::Omp => Selection::Omp,
+            SelectionArg::Accumulated => Selection::Accumulated,
         }
     }
 }
@@ -124,7 +127,8 @@ pub struct CompactionArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "uniform")]
     head_budgets: Vec<BudgetArg>,
     /// How Attention Matching picks its keys: `highest` (HighestAttnKeys), `omp` (orthogonal
-    /// matching pursuit on the attention mass), or both (`highest,omp`: a row for each).
+    /// matching pursuit on the attention mass), `accumulated` (H2O's heavy hitters), or several
+    /// (`highest,omp`: a row for each).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "highest")]
     selection: Vec<SelectionArg>,
     /// Attention Matching fits β and the values to the keys as each --kv format stores them
@@ -592,8 +596,8 @@ pub struct CompactArgs {
     /// How Attention Matching shares the tokens among heads: uniform or sensitivity.
     #[arg(long, value_enum, default_value_t = BudgetArg::Uniform)]
     head_budgets: BudgetArg,
-    /// How Attention Matching picks its keys: highest (HighestAttnKeys) or omp (orthogonal
-    /// matching pursuit on the attention mass; slower).
+    /// How Attention Matching picks its keys: highest (HighestAttnKeys), omp (orthogonal
+    /// matching pursuit on the attention mass; slower) or accumulated (H2O's heavy hitters).
     #[arg(long, value_enum, default_value_t = SelectionArg::Highest)]
     selection: SelectionArg,
     /// Attention Matching fits β and the values to the keys as --kv stores them (quantized;

@@ -192,6 +192,10 @@ pub enum Selection {
     /// by NNLS after every pick ([`select_omp`]): slower; picks keys that together cover the
     /// mass rather than keys that each score high.
     Omp,
+    /// H2O's criterion on the method's reference queries: the keys of highest attention
+    /// probability summed over the rows ([`select_accumulated`]). It favours keys many rows
+    /// attend to over keys a few rows attend to strongly.
+    Accumulated,
 }
 
 impl std::str::FromStr for Selection {
@@ -200,8 +204,9 @@ impl std::str::FromStr for Selection {
         match s.trim() {
             "highest" | "highest-attention" => Ok(Selection::HighestAttention),
             "omp" => Ok(Selection::Omp),
+            "accumulated" => Ok(Selection::Accumulated),
             other => Err(CompactError::Invalid(format!(
-                "unknown key selection {other:?}: use highest or omp"
+                "unknown key selection {other:?}: use highest, omp or accumulated"
             ))),
         }
     }
@@ -212,6 +217,7 @@ impl std::fmt::Display for Selection {
         f.write_str(match self {
             Selection::HighestAttention => "highest",
             Selection::Omp => "omp",
+            Selection::Accumulated => "accumulated",
         })
     }
 }
@@ -552,15 +558,39 @@ fn mean_square_attention(refs: &HeadScores) -> Vec<f64> {
 /// HighestAttnKeys: the keys of highest RMS attention probability over the reference queries,
 /// `budget` in all, always including `fixed`.
 pub fn select_highest_attention(refs: &HeadScores, budget: usize, fixed: &[usize]) -> Vec<usize> {
-    let n_k = refs.n_k;
+    select_top(&mean_square_attention(refs), budget, fixed)
+}
+
+/// H2O's heavy hitters over the reference queries: the keys of highest attention probability
+/// summed over the rows, `budget` in all, always including `fixed`. On the context's own causal
+/// queries, with the recent half fixed, these are [`select_h2o`]'s tokens.
+pub fn select_accumulated(refs: &HeadScores, budget: usize, fixed: &[usize]) -> Vec<usize> {
+    let mut acc = vec![0f64; refs.n_k];
+    for i in 0..refs.n_q {
+        let l = refs.sum[i] as f64;
+        if l > 0.0 {
+            for (a, &e) in acc
+                .iter_mut()
+                .zip(&refs.e[i * refs.n_k..(i + 1) * refs.n_k])
+            {
+                *a += e as f64 / l;
+            }
+        }
+    }
+    select_top(&acc, budget, fixed)
+}
+
+/// The `budget` keys of highest `score`, always including `fixed`.
+fn select_top(score: &[f64], budget: usize, fixed: &[usize]) -> Vec<usize> {
+    let n_k = score.len();
     let budget = budget.min(n_k);
-    let ms = mean_square_attention(refs);
+    let ms = score;
     let mut is_fixed = vec![false; n_k];
     for &f in fixed {
         is_fixed[f] = true;
     }
     let free = budget.saturating_sub(fixed.len());
-    let picked = top_n(&ms, (0..n_k).filter(|&j| !is_fixed[j]), free);
+    let picked = top_n(ms, (0..n_k).filter(|&j| !is_fixed[j]), free);
     sorted(picked.into_iter().chain(fixed.iter().copied()).collect())
 }
 
@@ -871,6 +901,7 @@ pub fn compact_head(
             let idx = match selection {
                 Selection::HighestAttention => select_highest_attention(refs, budget, &fixed_idx),
                 Selection::Omp => select_omp(refs, budget, &fixed_idx, opts.nnls_sweeps),
+                Selection::Accumulated => select_accumulated(refs, budget, &fixed_idx),
             };
             let fixed: Vec<bool> = idx.iter().map(|j| fixed_idx.contains(j)).collect();
             let stored = match (stored, inputs.reference_queries) {

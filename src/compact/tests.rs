@@ -378,6 +378,30 @@ fn baselines_keep_the_budget_and_their_windows() {
     .unwrap();
     assert_eq!(h2o.len(), 20);
     assert!((90..100).all(|p| h2o.positions.contains(&p)));
+    // H2O's tokens, fitted: am-ctx-window with the accumulated-attention selection, no exact
+    // sinks and the recent half exact keeps exactly H2O's tokens, and fits the heavy hitters.
+    let fitted_h2o = HeadInputs {
+        reference: Some(&ctx),
+        ..inputs
+    };
+    let opts_h2o = FitOptions {
+        recent_fraction: 0.5,
+        window_sinks: 0,
+        ..FitOptions::default()
+    };
+    let am_h2o = compact_head(
+        Method::AmCtxWindow,
+        Selection::Accumulated,
+        &fitted_h2o,
+        20,
+        &opts_h2o,
+        None,
+    )
+    .unwrap();
+    assert_eq!(am_h2o.positions, h2o.positions);
+    assert!(am_h2o.bias[..10].iter().any(|&b| b != 0.0));
+    assert!(am_h2o.bias[10..].iter().all(|&b| b == 0.0));
+    assert_eq!(am_h2o.values[10 * d..], h2o.values[10 * d..]);
     let snap = compact_head(
         Method::SnapKv,
         Selection::HighestAttention,
