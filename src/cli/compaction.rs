@@ -28,6 +28,10 @@ pub struct FitArgs {
     /// the budget; the others compete for the budget like any token).
     #[arg(long, default_value_t = FitOptions::default().window_sinks)]
     window_sinks: usize,
+    /// Ridge of the value fit, relative to the mean diagonal of its normal matrix; the values
+    /// are shrunk toward the kept tokens' own values (large: keep them, fit only β).
+    #[arg(long, default_value_t = FitOptions::default().value_ridge, value_parser = parse_ridge)]
+    value_ridge: f64,
 }
 
 /// `--head-budgets`: how Attention Matching shares a job's tokens among heads. `uniform` keeps
@@ -76,6 +80,7 @@ impl FitArgs {
         FitOptions {
             recent_fraction: self.recent_fraction,
             window_sinks: self.window_sinks,
+            value_ridge: self.value_ridge,
             ..FitOptions::default()
         }
     }
@@ -678,6 +683,16 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
         t.elapsed().as_secs_f64() - run.prefill_s,
     );
     Ok(())
+}
+
+/// A finite ridge ≥ 0.
+fn parse_ridge(s: &str) -> Result<f64, String> {
+    let x: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if x.is_finite() && x >= 0.0 {
+        Ok(x)
+    } else {
+        Err(format!("{x} is not a finite number ≥ 0"))
+    }
 }
 
 /// A fraction in [0, 1].
