@@ -102,20 +102,29 @@ fn salient_and_null(t: usize, d: usize, seed: u64) -> Synthetic {
     }
 }
 
+/// One head of `s` with reference scores `refs` (and their queries), no context rows.
+fn reference_inputs<'a>(
+    s: &'a Synthetic,
+    refs: &'a HeadScores,
+    queries: Option<&'a [f32]>,
+) -> HeadInputs<'a> {
+    HeadInputs {
+        keys: &s.keys,
+        values: &s.values,
+        d: s.d,
+        context: None,
+        rows_per_position: 1,
+        reference: Some(refs),
+        reference_queries: queries,
+    }
+}
+
 fn am_reproduces_outputs_and_mass(selection: Selection) {
     let (t, d) = (256, 16);
     let s = salient_and_null(t, d, 3);
     let q_ref = queries(200, d, 4);
     let refs = reference_head_scores(&q_ref, &vec![t as u32; 200], &s.keys, &s.values, d).unwrap();
-    let inputs = HeadInputs {
-        keys: &s.keys,
-        values: &s.values,
-        d,
-        context: None,
-        rows_per_position: 1,
-        reference: Some(&refs),
-        reference_queries: None,
-    };
+    let inputs = reference_inputs(&s, &refs, None);
     let (y_full, m_full) = attend(&q_ref, &full(&s), d);
     // Held-out queries from the same distribution.
     let q_test = queries(100, d, 5);
@@ -283,15 +292,7 @@ fn am_window_keeps_sinks_and_recent_tokens_exact() {
     let s = synthetic(t, d, 6, 21);
     let q = queries(80, d, 22);
     let refs = reference_head_scores(&q, &vec![t as u32; 80], &s.keys, &s.values, d).unwrap();
-    let inputs = HeadInputs {
-        keys: &s.keys,
-        values: &s.values,
-        d,
-        context: None,
-        rows_per_position: 1,
-        reference: Some(&refs),
-        reference_queries: None,
-    };
+    let inputs = reference_inputs(&s, &refs, None);
     // Default share (a quarter: 8 of 32) and H2O's half (16 of 32); am-mix-window keeps the
     // same exact tokens (it differs from am-window only in the reference set it is given).
     // One exact sink instead of four: tokens 1..4 are kept only if selected, and then fitted.
@@ -510,15 +511,7 @@ fn fit_error_is_zero_for_the_full_head_and_falls_as_the_fit_grows() {
     let all: Vec<usize> = (0..t).collect();
     let full = HeadCompaction::keep(&s.keys, &s.values, d, &all);
     assert!(fit_error(&refs, &full, d) < 1e-9);
-    let inputs = HeadInputs {
-        keys: &s.keys,
-        values: &s.values,
-        d,
-        context: None,
-        rows_per_position: 1,
-        reference: Some(&refs),
-        reference_queries: None,
-    };
+    let inputs = reference_inputs(&s, &refs, None);
     let opts = FitOptions::default();
     let errs: Vec<f64> = [2, 6, 24]
         .iter()
@@ -582,15 +575,7 @@ fn a_fit_to_stored_keys_beats_a_fit_to_exact_keys_once_they_are_quantized() {
     let s = salient_and_null(t, d, 7);
     let q_ref = queries(300, d, 8);
     let refs = reference_head_scores(&q_ref, &vec![t as u32; 300], &s.keys, &s.values, d).unwrap();
-    let inputs = HeadInputs {
-        keys: &s.keys,
-        values: &s.values,
-        d,
-        context: None,
-        rows_per_position: 1,
-        reference: Some(&refs),
-        reference_queries: Some(&q_ref),
-    };
+    let inputs = reference_inputs(&s, &refs, Some(&q_ref));
     let opts = FitOptions::default();
     let q_test = queries(150, d, 9);
     let (y_test, m_test) = attend(&q_test, &full(&s), d);
