@@ -403,6 +403,27 @@ fn baselines_keep_the_budget_and_their_windows() {
     assert!(am_h2o.bias[..10].iter().any(|&b| b != 0.0));
     assert!(am_h2o.bias[10..].iter().all(|&b| b == 0.0));
     assert_eq!(am_h2o.values[10 * d..], h2o.values[10 * d..]);
+    // β only: with a large value ridge the heavy hitters keep their own values.
+    let beta_opts = FitOptions {
+        value_ridge: 1e9,
+        ..opts_h2o
+    };
+    let beta_only = compact_head(
+        Method::AmCtxWindow,
+        Selection::Accumulated,
+        &fitted_h2o,
+        20,
+        &beta_opts,
+        None,
+    )
+    .unwrap();
+    assert_eq!(beta_only.positions, h2o.positions);
+    assert_eq!(beta_only.bias, am_h2o.bias);
+    let moved = (beta_only.values.iter().zip(&h2o.values))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(moved < 1e-4, "values moved by {moved}");
+    assert!(am_h2o.values[..10 * d] != h2o.values[..10 * d]);
     let snap = compact_head(
         Method::SnapKv,
         Selection::HighestAttention,
