@@ -504,15 +504,7 @@ pub fn select_h2o(ctx: &HeadScores, budget: usize) -> Vec<usize> {
     let n_k = ctx.n_k;
     let budget = budget.min(n_k);
     let recent = budget / 2;
-    let mut acc = vec![0f64; n_k];
-    for i in 0..ctx.n_q {
-        let l = ctx.sum[i] as f64;
-        if l > 0.0 {
-            for (a, &e) in acc.iter_mut().zip(&ctx.e[i * n_k..(i + 1) * n_k]) {
-                *a += e as f64 / l;
-            }
-        }
-    }
+    let acc = accumulated_attention(ctx);
     let heavy = top_n(&acc, 0..n_k - recent, budget - recent);
     sorted(heavy.into_iter().chain(n_k - recent..n_k).collect())
 }
@@ -565,32 +557,34 @@ pub fn select_highest_attention(refs: &HeadScores, budget: usize, fixed: &[usize
 /// summed over the rows, `budget` in all, always including `fixed`. On the context's own causal
 /// queries, with the recent half fixed, these are [`select_h2o`]'s tokens.
 pub fn select_accumulated(refs: &HeadScores, budget: usize, fixed: &[usize]) -> Vec<usize> {
-    let mut acc = vec![0f64; refs.n_k];
+    select_top(&accumulated_attention(refs), budget, fixed)
+}
+
+/// Per key, its attention probability summed over the rows of `refs` (H2O's score).
+fn accumulated_attention(refs: &HeadScores) -> Vec<f64> {
+    let n_k = refs.n_k;
+    let mut acc = vec![0f64; n_k];
     for i in 0..refs.n_q {
         let l = refs.sum[i] as f64;
         if l > 0.0 {
-            for (a, &e) in acc
-                .iter_mut()
-                .zip(&refs.e[i * refs.n_k..(i + 1) * refs.n_k])
-            {
+            for (a, &e) in acc.iter_mut().zip(&refs.e[i * n_k..(i + 1) * n_k]) {
                 *a += e as f64 / l;
             }
         }
     }
-    select_top(&acc, budget, fixed)
+    acc
 }
 
 /// The `budget` keys of highest `score`, always including `fixed`.
 fn select_top(score: &[f64], budget: usize, fixed: &[usize]) -> Vec<usize> {
     let n_k = score.len();
     let budget = budget.min(n_k);
-    let ms = score;
     let mut is_fixed = vec![false; n_k];
     for &f in fixed {
         is_fixed[f] = true;
     }
     let free = budget.saturating_sub(fixed.len());
-    let picked = top_n(ms, (0..n_k).filter(|&j| !is_fixed[j]), free);
+    let picked = top_n(score, (0..n_k).filter(|&j| !is_fixed[j]), free);
     sorted(picked.into_iter().chain(fixed.iter().copied()).collect())
 }
 
