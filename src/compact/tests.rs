@@ -357,26 +357,21 @@ fn baselines_keep_the_budget_and_their_windows() {
         reference_queries: None,
     };
     let opts = FitOptions::default();
-    let st = compact_head(
+    let run =
+        |m: Method, sel: Selection, inputs: &HeadInputs<'_>, budget: usize, o: &FitOptions| {
+            compact_head(m, sel, inputs, budget, o, None)
+        };
+    let st = run(
         Method::Streaming,
         Selection::HighestAttention,
         &inputs,
         20,
         &opts,
-        None,
     )
     .unwrap();
     let want: Vec<u32> = (0..4).chain(84..100).collect();
     assert_eq!(st.positions, want);
-    let h2o = compact_head(
-        Method::H2o,
-        Selection::HighestAttention,
-        &inputs,
-        20,
-        &opts,
-        None,
-    )
-    .unwrap();
+    let h2o = run(Method::H2o, Selection::HighestAttention, &inputs, 20, &opts).unwrap();
     assert_eq!(h2o.len(), 20);
     assert!((90..100).all(|p| h2o.positions.contains(&p)));
     // H2O's tokens, fitted: am-ctx-window with the accumulated-attention selection, no exact
@@ -390,13 +385,12 @@ fn baselines_keep_the_budget_and_their_windows() {
         window_sinks: 0,
         ..FitOptions::default()
     };
-    let am_h2o = compact_head(
+    let am_h2o = run(
         Method::AmCtxWindow,
         Selection::Accumulated,
         &fitted_h2o,
         20,
         &opts_h2o,
-        None,
     )
     .unwrap();
     assert_eq!(am_h2o.positions, h2o.positions);
@@ -408,13 +402,12 @@ fn baselines_keep_the_budget_and_their_windows() {
         value_ridge: 1e9,
         ..opts_h2o
     };
-    let beta_only = compact_head(
+    let beta_only = run(
         Method::AmCtxWindow,
         Selection::Accumulated,
         &fitted_h2o,
         20,
         &beta_opts,
-        None,
     )
     .unwrap();
     assert_eq!(beta_only.positions, h2o.positions);
@@ -424,13 +417,12 @@ fn baselines_keep_the_budget_and_their_windows() {
         .fold(0.0f32, f32::max);
     assert!(moved < 1e-4, "values moved by {moved}");
     assert!(am_h2o.values[..10 * d] != h2o.values[..10 * d]);
-    let snap = compact_head(
+    let snap = run(
         Method::SnapKv,
         Selection::HighestAttention,
         &inputs,
         40,
         &opts,
-        None,
     )
     .unwrap();
     assert_eq!(snap.len(), 40);
@@ -440,22 +432,13 @@ fn baselines_keep_the_budget_and_their_windows() {
         assert!(h.positions.windows(2).all(|w| w[0] < w[1]));
     }
     // Attention Matching without reference queries is refused, not guessed.
-    assert!(compact_head(
-        Method::Am,
-        Selection::HighestAttention,
-        &inputs,
-        20,
-        &opts,
-        None
-    )
-    .is_err());
-    assert!(compact_head(
+    assert!(run(Method::Am, Selection::HighestAttention, &inputs, 20, &opts).is_err());
+    assert!(run(
         Method::AmMix,
         Selection::HighestAttention,
         &inputs,
         20,
-        &opts,
-        None
+        &opts
     )
     .is_err());
     // With the context rows appended to reference rows, am-mix fits like am on the union.
@@ -469,22 +452,20 @@ fn baselines_keep_the_budget_and_their_windows() {
         reference_queries: None,
         ..inputs
     };
-    let mix = compact_head(
+    let mix = run(
         Method::AmMix,
         Selection::HighestAttention,
         &mix_inputs,
         20,
         &opts,
-        None,
     )
     .unwrap();
-    let am = compact_head(
+    let am = run(
         Method::Am,
         Selection::HighestAttention,
         &mix_inputs,
         20,
         &opts,
-        None,
     )
     .unwrap();
     assert_eq!(mix, am);
