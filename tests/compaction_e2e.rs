@@ -106,6 +106,7 @@ fn compacted_sessions_continue_from_the_context() {
             Job {
                 fit_for: Some(FitFor {
                     format: "turbo4".parse().unwrap(),
+                    edge: None,
                     sinks: 4,
                     seed: kvpack::kv::DEFAULT_SEED,
                 }),

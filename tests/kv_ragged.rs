@@ -341,3 +341,65 @@ fn ragged_heads_match_masked_uniform_heads_in_quantized_formats() {
         }
     }
 }
+
+/// Tokens appended in one step: count, keys, values, queries.
+type Step = (usize, Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Per-layer formats (`KvConfig::layer_formats`, a recipe's edge layers): each layer stores,
+/// attends and counts its bytes exactly as a cache of that layer's format does.
+#[test]
+fn per_layer_formats_attend_and_count_as_their_own_format() {
+    let d = SHAPE.head_dim;
+    let kvh = SHAPE.n_kv_heads;
+    let formats = ["q8_0", "turbo4u", "turbo3/turbo2"];
+    for gpu in gpus() {
+        let mut rng = Rng::new(21);
+        let heads = ragged_heads(&mut rng);
+        let steps: Vec<Step> = [4usize, 1]
+            .iter()
+            .map(|&n| {
+                let k = rng.gauss(n * kvh * d);
+                let v = rng.gauss(n * kvh * d);
+                let q = rng.gauss(n * SHAPE.n_heads * d);
+                (n, k, v, q)
+            })
+            .collect();
+        let run = |config: KvConfig| {
+            let mut cache = KvCache::new(&gpu, config).unwrap();
+            load(&gpu, &mut cache, &heads, true);
+            let outs: Vec<Vec<Vec<f32>>> = steps
+                .iter()
+                .map(|(n, k, v, q)| append_and_attend(&gpu, &mut cache, *n, k, v, q))
+                .collect();
+            (outs, cache.bytes())
+        };
+        let mixed = run(KvConfig {
+            layer_formats: Some(formats.iter().map(|f| f.parse().unwrap()).collect()),
+            ..config("turbo2")
+        });
+        // Paged bytes of `layer`'s heads (5 tokens appended to each) in `f`.
+        let paged = |f: &str, layer: &[usize; 2]| {
+            let f: KvFormat = f.parse().unwrap();
+            let bits = (f.k.bits_per_value(d) + f.v.bits_per_value(d)) * d as f64;
+            let tokens: usize = layer.iter().map(|&t| t + 5 - SINKS).sum();
+            (bits * tokens as f64 / 8.0).ceil() as u64
+        };
+        let (mut pages, mut rest) = (0, None);
+        for (l, f) in formats.iter().enumerate() {
+            let (own, own_bytes) = run(config(f));
+            for (step, (m, o)) in mixed.0.iter().zip(&own).enumerate() {
+                assert_eq!(
+                    m[l],
+                    o[l],
+                    "{}: layer {l} ({f}), step {step}",
+                    gpu.backend_name()
+                );
+            }
+            // Sinks and biases: the same bytes in every format.
+            let r = own_bytes - LENS.iter().map(|layer| paged(f, layer)).sum::<u64>();
+            assert_eq!(*rest.get_or_insert(r), r, "{f}");
+            pages += paged(f, &LENS[l]);
+        }
+        assert_eq!(mixed.1, rest.unwrap() + pages);
+    }
+}

@@ -52,7 +52,7 @@ pub fn run(gpu_args: &GpuArgs, a: ChatArgs) -> Result<()> {
     let gpu = gpu_args.open()?;
     let loaded = a.model.load(&gpu, false)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
-    kv.format.validate_dim(model.config.head_dim)?;
+    kv.validate_dim(model.config.head_dim)?;
     let mut session = Session::new(&gpu, model, &kv, a.context)?;
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
     let special = EncodeOptions {

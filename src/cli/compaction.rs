@@ -116,7 +116,9 @@ pub struct CompactionArgs {
         default_value = "am,am-mix,h2o,snapkv,streaming"
     )]
     methods: Vec<String>,
-    /// KV formats the compacted cache is stored in.
+    /// KV formats the compacted cache is stored in: formats (with --sinks) or recipes with sinks
+    /// and edge layers, such as `turbo4u+s2+e1` (the first and last layer in q8_0); a compacted
+    /// cache takes no recent window or centered keys.
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     kv: Vec<String>,
     /// Reference-query positions per KV head (evenly spaced over the repeat prefill).
@@ -284,18 +286,16 @@ struct Measured {
 fn measure(
     gpu: &Gpu,
     model: &Llama,
-    kv: KvFormat,
+    recipe: &KvRecipe,
     compacted: Option<&CompactedContext>,
-    sinks: usize,
     continuation: &[u32],
     recall: &[u32],
 ) -> Result<Measured> {
     let extra = continuation.len().max(recall.len());
     let open = || -> Result<Session<'_>> {
-        let recipe = KvRecipe::plain(kv, sinks);
         Ok(match compacted {
-            Some(c) => Session::from_compacted(gpu, model, &recipe, c, extra)?,
-            None => Session::new(gpu, model, &recipe, extra)?,
+            Some(c) => Session::from_compacted(gpu, model, recipe, c, extra)?,
+            None => Session::new(gpu, model, recipe, extra)?,
         })
     };
     let mut s = open()?;
@@ -317,7 +317,10 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         .iter()
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
-    let formats: Vec<KvFormat> = a.kv.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let formats: Vec<KvRecipe> =
+        a.kv.iter()
+            .map(|s| compacted_recipe(s, a.sinks))
+            .collect::<Result<_, _>>()?;
     if a.ratios.iter().any(|&r| r.is_nan() || r < 1.0) {
         bail!("--ratios must be at least 1, got {:?}", a.ratios);
     }
@@ -379,13 +382,9 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
                         fit_for: None,
                     };
                     if a.fit_to_kv && m.is_attention_matching() {
-                        for &f in &formats {
-                            let fit_for = Some(FitFor {
-                                format: f,
-                                sinks: a.sinks,
-                                seed: kvpack::kv::DEFAULT_SEED,
-                            });
-                            jobs.push((Job { fit_for, ..job }, r, vec![f]));
+                        for f in &formats {
+                            let fit_for = Some(FitFor::recipe(f));
+                            jobs.push((Job { fit_for, ..job }, r, vec![f.clone()]));
                         }
                     } else {
                         jobs.push((job, r, formats.clone()));
@@ -394,7 +393,7 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
             }
         }
     }
-    let job_list: Vec<Job> = jobs.iter().map(|&(j, _, _)| j).collect();
+    let job_list: Vec<Job> = jobs.iter().map(|(j, _, _)| *j).collect();
     let fit = a.fit.options();
     let run = compact_tokens(
         &gpu,
@@ -437,18 +436,11 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
             })
             .collect(),
     };
+    let f32_recipe = KvRecipe::plain(f32_fmt, a.sinks);
     log("measuring: full context");
-    let m_full = measure(
-        &gpu,
-        model,
-        f32_fmt,
-        Some(&full),
-        a.sinks,
-        continuation,
-        recall,
-    )?;
+    let m_full = measure(&gpu, model, &f32_recipe, Some(&full), continuation, recall)?;
     log("measuring: no context");
-    let m_none = measure(&gpu, model, f32_fmt, None, a.sinks, continuation, recall)?;
+    let m_none = measure(&gpu, model, &f32_recipe, None, continuation, recall)?;
     let kv_bytes_f16_full = (2 * c.n_layer * c.n_head_kv * a.context * c.head_dim * 2) as u64;
     let gap = |none: f64, full: f64, x: f64| (none - x) / (none - full);
     let mut rows = Vec::new();
@@ -464,17 +456,9 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
             // With H2O in the same run, SnapKV's scores are H2O's, over every position.
             _ => timings.context_scores_s,
         };
-        for &f in measured {
+        for f in measured {
             log(&format!("measuring: {m} {r}x {f}"));
-            let got = measure(
-                &gpu,
-                model,
-                f,
-                Some(&compacted[j]),
-                a.sinks,
-                continuation,
-                recall,
-            )?;
+            let got = measure(&gpu, model, f, Some(&compacted[j]), continuation, recall)?;
             rows.push(Row {
                 method: m.to_string(),
                 head_budgets: match job.head_budgets {
@@ -609,7 +593,9 @@ pub struct CompactArgs {
     /// the first 4 tokens in f16, as `generate --cache` loads them by default).
     #[arg(long)]
     fit_to_kv: bool,
-    /// KV format the compacted tokens are stored in when the file is loaded.
+    /// KV format the compacted tokens are stored in when the file is loaded: a format, or a
+    /// recipe with sinks and edge layers such as `turbo4u+s2+e1` (no recent window or centered
+    /// keys).
     #[arg(long, default_value = "f32")]
     kv: String,
     /// Reference-query positions per KV head (Attention Matching).
@@ -623,7 +609,7 @@ pub struct CompactArgs {
 /// `kvpack compact`: compact a text's context and save it as a `.kvpack` file.
 pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
     let method: Method = a.method.parse()?;
-    let kv: KvFormat = a.kv.parse()?;
+    let kv = compacted_recipe(&a.kv, 4)?;
     if a.ratio.is_nan() || a.ratio < 1.0 {
         bail!("--ratio must be at least 1, got {}", a.ratio);
     }
@@ -654,11 +640,7 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
             budget,
             head_budgets: a.head_budgets.into(),
             selection: a.selection.into(),
-            fit_for: a.fit_to_kv.then_some(FitFor {
-                format: kv,
-                sinks: 4,
-                seed: kvpack::kv::DEFAULT_SEED,
-            }),
+            fit_for: a.fit_to_kv.then_some(FitFor::recipe(&kv)),
         }],
         a.reference_positions,
         4,
@@ -669,7 +651,12 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
         .with_context(|| format!("hashing {}", loaded.path.display()))?;
     let header = kvpack::compact::file::FileHeader {
         model_sha256: sha,
-        kv: kv.to_string(),
+        // A plain format stays plain: `generate --cache` applies its own --sinks to it.
+        kv: if a.kv.contains('+') {
+            kv.to_string()
+        } else {
+            kv.format.to_string()
+        },
         method: method.to_string(),
     };
     kvpack::compact::file::save(&a.out, &header, &run.compacted[0])?;
@@ -683,6 +670,18 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
         t.elapsed().as_secs_f64() - run.prefill_s,
     );
     Ok(())
+}
+
+/// `--kv` of the compaction commands: a format (with `sinks` f16 sinks) or a recipe, refused
+/// before any work when it has a part a compacted cache cannot take.
+fn compacted_recipe(s: &str, sinks: usize) -> Result<KvRecipe> {
+    let r = KvRecipe::parse_with(s, sinks, 0)?;
+    if r.recent > 0 || r.center_keys {
+        bail!(
+            "--kv {s}: a compacted cache takes sinks and edge layers (such as turbo4u+s2+e1), not a recent window (+r) or centered keys (+c)"
+        );
+    }
+    Ok(r)
 }
 
 /// A finite ridge ≥ 0.

@@ -119,7 +119,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
     let gpu = gpu_args.open()?;
     let loaded = a.model.load(&gpu, a.json)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
-    kv.format.validate_dim(model.config.head_dim)?;
+    kv.validate_dim(model.config.head_dim)?;
     let text = if a.chat {
         chat_prompt(DEFAULT_SYSTEM, &a.prompt)
     } else {
@@ -149,7 +149,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
                 .with_context(|| format!("hashing {}", loaded.path.display()))?;
             let (header, compacted) = kvpack::compact::file::load(path, &sha)?;
             kv = KvRecipe::parse_with(&header.kv, a.sinks, 0)?;
-            kv.format.validate_dim(model.config.head_dim)?;
+            kv.validate_dim(model.config.head_dim)?;
             Session::from_compacted(&gpu, model, &kv, &compacted, a.context)?
         }
         None => Session::new(&gpu, model, &kv, a.context)?,

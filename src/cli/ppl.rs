@@ -108,7 +108,7 @@ pub fn run(gpu_args: &GpuArgs, a: PplArgs) -> Result<()> {
         );
     }
     for f in &formats {
-        f.format.validate_dim(loaded.model.config.head_dim)?;
+        f.validate_dim(loaded.model.config.head_dim)?;
     }
     let vocab = loaded.model.config.vocab_size.max(1);
     // Score positions: predictions of token i+1 from position i.

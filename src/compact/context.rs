@@ -162,7 +162,7 @@ pub async fn compact_context(
             .iter()
             .map(|job| match job.fit_for {
                 Some(f) if job.method.is_attention_matching() => {
-                    crate::kv::layer_codecs(f.format, d, f.seed, l)
+                    crate::kv::layer_codecs(f.format_of(l, shape.n_layer), d, f.seed, l)
                         .map(|(k, _)| Some((k, f.sinks)))
                         .map_err(|e| CompactError::Invalid(format!("layer {l}: {e}")))
                 }

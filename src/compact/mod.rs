@@ -246,10 +246,30 @@ pub struct FitOptions {
 pub struct FitFor {
     /// The format the compacted tokens will be stored in.
     pub format: crate::codec::KvFormat,
+    /// Layers stored in another format ([`crate::kv::KvRecipe::edge`]).
+    pub edge: Option<crate::kv::EdgeLayers>,
     /// The cache's sinks: each head's first `sinks` kept tokens are stored in f16.
     pub sinks: usize,
     /// The cache's rotation seed ([`crate::kv::DEFAULT_SEED`] for sessions).
     pub seed: u64,
+}
+
+impl FitFor {
+    /// Fit for the cache a session builds from `recipe` (its formats and sinks, the sessions'
+    /// rotation seed).
+    pub fn recipe(recipe: &crate::kv::KvRecipe) -> FitFor {
+        FitFor {
+            format: recipe.format,
+            edge: recipe.edge,
+            sinks: recipe.sinks,
+            seed: crate::kv::DEFAULT_SEED,
+        }
+    }
+
+    /// The format of layer `l` of `n_layer`.
+    pub fn format_of(&self, l: usize, n_layer: usize) -> crate::codec::KvFormat {
+        crate::kv::EdgeLayers::format_of(self.edge, self.format, l, n_layer)
+    }
 }
 
 /// A head's keys as its cache will store them, for [`compact_head`].

@@ -26,7 +26,7 @@
 
 mod recipe;
 
-pub use recipe::KvRecipe;
+pub use recipe::{EdgeLayers, KvRecipe};
 
 use crate::attention::{KvPages, Recent, ValueStore, SPLIT_TOKENS};
 use crate::codec::gpu::{page_words, EncodeArgs, GpuCodec, Input};

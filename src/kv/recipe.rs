@@ -2,12 +2,14 @@
 //! parsed from one string. The named presets `tq3` and `tq4` are recipes measured with
 //! `kvpack eval ppl` (docs/benchmarks.md).
 
-use crate::codec::{CodecError, KvFormat};
+use crate::codec::{CodecError, KvFormat, VecFormat};
 use std::fmt;
 use std::str::FromStr;
 
-/// What a cache stores and how: `FORMAT[+sN][+rN][+c]`, e.g. `k4v2+s4+r16+c` (k4v2 codes, the
-/// first 4 tokens and the 16 before each query in f16, keys centered), or a preset name.
+/// What a cache stores and how: `FORMAT[+sN][+rN][+c][+eN[=FORMAT]]`, e.g. `k4v2+s4+r16+c` (k4v2
+/// codes, the first 4 tokens and the 16 before each query in f16, keys centered) or
+/// `turbo4u+s2+e1` (turbo4u codes, 2 f16 sinks, the first and last layer in q8_0), or a preset
+/// name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvRecipe {
     /// The preset's name, when the recipe is one.
@@ -20,6 +22,38 @@ pub struct KvRecipe {
     pub recent: usize,
     /// Keys stored centered by their per-channel mean.
     pub center_keys: bool,
+    /// The first and last layers stored in another format (`+eN[=FORMAT]`).
+    pub edge: Option<EdgeLayers>,
+}
+
+/// The first `n` and the last `n` layers of a cache stored in `format` instead of the recipe's:
+/// quantization error hurts most in the first layers, and a layer costs 1/30 of the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EdgeLayers {
+    /// Layers at each end.
+    pub n: usize,
+    /// Their format (q8_0 unless the recipe names one).
+    pub format: KvFormat,
+}
+
+impl EdgeLayers {
+    /// Whether layer `l` of `n_layer` is an edge layer.
+    pub fn holds(&self, l: usize, n_layer: usize) -> bool {
+        l < self.n || l + self.n >= n_layer
+    }
+
+    /// The format of layer `l` of `n_layer` in a cache of `base` with these edge layers.
+    pub fn format_of(
+        edge: Option<EdgeLayers>,
+        base: KvFormat,
+        l: usize,
+        n_layer: usize,
+    ) -> KvFormat {
+        match edge {
+            Some(e) if e.holds(l, n_layer) => e.format,
+            _ => base,
+        }
+    }
 }
 
 /// The named presets: (name, recipe). Of the recipes measured (docs/benchmarks.md), the one with
@@ -42,7 +76,28 @@ impl KvRecipe {
             sinks,
             recent: 0,
             center_keys: false,
+            edge: None,
         }
+    }
+
+    /// The format of layer `l` of an `n_layer`-layer cache.
+    pub fn format_of(&self, l: usize, n_layer: usize) -> KvFormat {
+        EdgeLayers::format_of(self.edge, self.format, l, n_layer)
+    }
+
+    /// The per-layer formats of an `n_layer`-layer cache, when the layers differ.
+    pub fn layer_formats(&self, n_layer: usize) -> Option<Vec<KvFormat>> {
+        self.edge
+            .map(|_| (0..n_layer).map(|l| self.format_of(l, n_layer)).collect())
+    }
+
+    /// Check that every format of the recipe fits vectors of `head_dim`.
+    pub fn validate_dim(&self, head_dim: usize) -> Result<(), CodecError> {
+        self.format.validate_dim(head_dim)?;
+        if let Some(e) = self.edge {
+            e.format.validate_dim(head_dim)?;
+        }
+        Ok(())
     }
 
     /// Parse `input`; a plain format (no `+` options) takes `sinks` and `recent` from the caller
@@ -62,12 +117,13 @@ impl KvRecipe {
             sinks,
             recent,
             center_keys: false,
+            edge: None,
         };
         let bad = || {
             CodecError::UnknownFormat {
             input: input.to_string(),
             hint: format!(
-                "a recipe is FORMAT[+sN][+rN][+c] (sN: N sink tokens, rN: N recent tokens in f16, c: centered keys), or a preset: {}",
+                "a recipe is FORMAT[+sN][+rN][+c][+eN[=FORMAT]] (sN: N sink tokens, rN: N recent tokens in f16, c: centered keys, eN: the first and last N layers in q8_0 or in FORMAT), or a preset: {}",
                 PRESETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
             ),
         }
@@ -83,6 +139,16 @@ impl KvRecipe {
                 r.sinks = n.parse().map_err(|_| bad())?;
             } else if let Some(n) = p.strip_prefix('r') {
                 r.recent = n.parse().map_err(|_| bad())?;
+            } else if let Some(e) = p.strip_prefix('e') {
+                let (n, format) = match e.split_once('=') {
+                    Some((n, f)) => (n, f.parse()?),
+                    None => (e, KvFormat::uniform(VecFormat::Q8_0)),
+                };
+                let n = n.parse().map_err(|_| bad())?;
+                if n == 0 {
+                    return Err(bad());
+                }
+                r.edge = Some(EdgeLayers { n, format });
             } else {
                 return Err(bad());
             }
@@ -115,6 +181,12 @@ impl fmt::Display for KvRecipe {
         if self.center_keys {
             write!(f, "+c")?;
         }
+        if let Some(e) = self.edge {
+            write!(f, "+e{}", e.n)?;
+            if e.format != KvFormat::uniform(VecFormat::Q8_0) {
+                write!(f, "={}", e.format)?;
+            }
+        }
         Ok(())
     }
 }
@@ -139,6 +211,25 @@ mod tests {
         );
         assert!("turbo3+x".parse::<KvRecipe>().is_err());
         assert!("turbo3+s".parse::<KvRecipe>().is_err());
+        let e: KvRecipe = "turbo4u+s2+e1".parse().unwrap();
+        assert_eq!(e.to_string(), "turbo4u+s2+e1");
+        let q8: KvFormat = "q8_0".parse().unwrap();
+        let t4: KvFormat = "turbo4u".parse().unwrap();
+        let layers: Vec<KvFormat> = e.layer_formats(5).unwrap();
+        assert_eq!(layers, vec![q8, t4, t4, t4, q8]);
+        assert_eq!(e.format_of(4, 5), q8);
+        let e2: KvRecipe = "turbo3+e2=q8_0/turbo4".parse().unwrap();
+        assert_eq!(e2.to_string(), "turbo3+e2=q8_0/turbo4");
+        assert_eq!(e2.to_string().parse::<KvRecipe>().unwrap(), e2);
+        assert_eq!(e2.layer_formats(6).unwrap()[2], "turbo3".parse().unwrap());
+        assert_eq!(
+            e2.layer_formats(6).unwrap()[4],
+            "q8_0/turbo4".parse().unwrap()
+        );
+        assert!(plain.layer_formats(30).is_none());
+        for bad in ["turbo3+e0", "turbo3+e", "turbo3+ex", "turbo3+e1=bogus"] {
+            assert!(bad.parse::<KvRecipe>().is_err(), "{bad}");
+        }
         for (name, _) in PRESETS {
             assert!(name.parse::<KvRecipe>().is_ok(), "{name}");
         }

@@ -246,7 +246,7 @@ impl<'m> Session<'m> {
                 head_dim: c.head_dim,
                 capacity,
                 format: recipe.format,
-                layer_formats: None,
+                layer_formats: recipe.layer_formats(c.n_layer),
                 seed: crate::kv::DEFAULT_SEED,
                 sinks: recipe.sinks,
                 recent: recipe.recent,

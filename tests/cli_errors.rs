@@ -1,0 +1,65 @@
+//! Bad input to the commands gets a clear error before any work (no model load, no GPU).
+
+use std::process::Command;
+
+/// Run `kvpack args…`; it must fail, and its stderr is returned.
+fn fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvpack"))
+        .args(args)
+        .output()
+        .expect("kvpack runs");
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn compaction_commands_refuse_recipes_a_compacted_cache_cannot_hold() {
+    for kv in ["turbo4u+s2+r8", "tq4", "turbo3+c"] {
+        let e = fails(&[
+            "eval",
+            "compaction",
+            "--text",
+            "no-such-file.txt",
+            "--kv",
+            kv,
+        ]);
+        assert!(
+            e.contains("a compacted cache takes sinks and edge layers"),
+            "{kv}: {e}"
+        );
+        let e = fails(&[
+            "compact",
+            "--text",
+            "no-such-file.txt",
+            "--ratio",
+            "10",
+            "--kv",
+            kv,
+            "--out",
+            "x.kvpack",
+        ]);
+        assert!(
+            e.contains("a compacted cache takes sinks and edge layers"),
+            "{kv}: {e}"
+        );
+    }
+    // A recipe that does parse gets past --kv, to the missing text.
+    let e = fails(&[
+        "eval",
+        "compaction",
+        "--text",
+        "no-such-file.txt",
+        "--kv",
+        "turbo4u+s2+e1",
+    ]);
+    assert!(e.contains("no-such-file.txt"), "{e}");
+    let e = fails(&[
+        "eval",
+        "compaction",
+        "--text",
+        "x.txt",
+        "--kv",
+        "turbo4u+e1=bogus",
+    ]);
+    assert!(e.contains("bogus"), "{e}");
+}
