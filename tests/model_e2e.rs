@@ -1,5 +1,5 @@
 //! The real default model end to end on every test backend: greedy tokens agree across backends
-//! for the f32 and turbo4 caches, perplexity of a short text is sane, and the cache's bytes equal
+//! for the f32, turbo4 and turbo4+e1 (edge layers in q8_0) caches, perplexity of a short text is sane, and the cache's bytes equal
 //! the formula. Needs data/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch-model.sh) or
 //! KVPACK_MODEL; fails loudly without it.
 
@@ -42,9 +42,10 @@ fn greedy_tokens_agree_across_backends_and_bytes_match_the_formula() {
             "weights on GPU: {w} bytes"
         );
         let mut runs = Vec::new();
-        for kv in ["f32", "turbo4"] {
-            let fmt: KvFormat = kv.parse().unwrap();
-            let mut s = Session::new(&gpu, &model, &KvRecipe::plain(fmt, 0), 64).unwrap();
+        // turbo4+e1: the first and last layer in q8_0 (per-layer formats).
+        for kv in ["f32", "turbo4", "turbo4+e1"] {
+            let recipe: KvRecipe = kv.parse().unwrap();
+            let mut s = Session::new(&gpu, &model, &recipe, 64).unwrap();
             let mut logits = pollster::block_on(s.forward(&gpu, &prompt, Logits::Last)).unwrap();
             let mut out = Vec::new();
             for _ in 0..6 {
@@ -55,9 +56,12 @@ fn greedy_tokens_agree_across_backends_and_bytes_match_the_formula() {
             // Exact bytes: every stored token, K and V, all layers and KV heads.
             let c = &model.config;
             let tokens = prompt.len() + 6;
-            let bits = fmt.bits_per_value(c.head_dim) * 2.0 * c.head_dim as f64;
             let want = (0..c.n_layer)
-                .map(|_| (bits * (tokens * c.n_head_kv) as f64 / 8.0).ceil() as u64)
+                .map(|l| {
+                    let fmt: KvFormat = recipe.format_of(l, c.n_layer);
+                    let bits = fmt.bits_per_value(c.head_dim) * 2.0 * c.head_dim as f64;
+                    (bits * (tokens * c.n_head_kv) as f64 / 8.0).ceil() as u64
+                })
                 .sum::<u64>();
             assert_eq!(s.cache().bytes(), want, "{kv}");
             assert_eq!(

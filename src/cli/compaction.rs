@@ -317,7 +317,7 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         .iter()
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
-    let formats: Vec<KvRecipe> =
+    let formats: Vec<(String, KvRecipe)> =
         a.kv.iter()
             .map(|s| compacted_recipe(s, a.sinks))
             .collect::<Result<_, _>>()?;
@@ -332,7 +332,7 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     let loaded = a.model.load(&gpu, a.json)?;
     let model = &loaded.model;
     let c = &model.config;
-    for f in &formats {
+    for (_, f) in &formats {
         f.validate_dim(c.head_dim)?;
     }
     let opts = EncodeOptions {
@@ -383,7 +383,7 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
                     };
                     if a.fit_to_kv && m.is_attention_matching() {
                         for f in &formats {
-                            let fit_for = Some(FitFor::recipe(f));
+                            let fit_for = Some(FitFor::recipe(&f.1));
                             jobs.push((Job { fit_for, ..job }, r, vec![f.clone()]));
                         }
                     } else {
@@ -456,8 +456,8 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
             // With H2O in the same run, SnapKV's scores are H2O's, over every position.
             _ => timings.context_scores_s,
         };
-        for f in measured {
-            log(&format!("measuring: {m} {r}x {f}"));
+        for (label, f) in measured {
+            log(&format!("measuring: {m} {r}x {label}"));
             let got = measure(&gpu, model, f, Some(&compacted[j]), continuation, recall)?;
             rows.push(Row {
                 method: m.to_string(),
@@ -472,7 +472,7 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
                 },
                 fitted_to_kv: job.fit_for.is_some(),
                 ratio: r,
-                kv: f.to_string(),
+                kv: label.clone(),
                 tokens_per_head: budget,
                 tokens_kept: compacted[j].total_tokens(),
                 ppl: got.ppl,
@@ -609,7 +609,7 @@ pub struct CompactArgs {
 /// `kvpack compact`: compact a text's context and save it as a `.kvpack` file.
 pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
     let method: Method = a.method.parse()?;
-    let kv = compacted_recipe(&a.kv, 4)?;
+    let (kv_label, kv) = compacted_recipe(&a.kv, 4)?;
     if a.ratio.is_nan() || a.ratio < 1.0 {
         bail!("--ratio must be at least 1, got {}", a.ratio);
     }
@@ -651,18 +651,13 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
         .with_context(|| format!("hashing {}", loaded.path.display()))?;
     let header = kvpack::compact::file::FileHeader {
         model_sha256: sha,
-        // A plain format stays plain: `generate --cache` applies its own --sinks to it.
-        kv: if a.kv.contains('+') {
-            kv.to_string()
-        } else {
-            kv.format.to_string()
-        },
+        kv: kv_label.clone(),
         method: method.to_string(),
     };
     kvpack::compact::file::save(&a.out, &header, &run.compacted[0])?;
     let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
     println!(
-        "{}: {} context tokens → {budget} per KV head ({method}, {:.1}x); prefill {:.1} s, compaction {:.1} s; file {bytes} bytes (f32 tokens; stored as {kv} when loaded)",
+        "{}: {} context tokens → {budget} per KV head ({method}, {:.1}x); prefill {:.1} s, compaction {:.1} s; file {bytes} bytes (f32 tokens; stored as {kv_label} when loaded)",
         a.out.display(),
         context.len(),
         context.len() as f64 / budget as f64,
@@ -673,15 +668,22 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
 }
 
 /// `--kv` of the compaction commands: a format (with `sinks` f16 sinks) or a recipe, refused
-/// before any work when it has a part a compacted cache cannot take.
-fn compacted_recipe(s: &str, sinks: usize) -> Result<KvRecipe> {
+/// before any work when it has a part a compacted cache cannot take. With its label: a plain
+/// format stays plain (`generate --cache` applies its own --sinks to a file's plain format), a
+/// recipe is written out in full.
+fn compacted_recipe(s: &str, sinks: usize) -> Result<(String, KvRecipe)> {
     let r = KvRecipe::parse_with(s, sinks, 0)?;
     if r.recent > 0 || r.center_keys {
         bail!(
             "--kv {s}: a compacted cache takes sinks and edge layers (such as turbo4u+s2+e1), not a recent window (+r) or centered keys (+c)"
         );
     }
-    Ok(r)
+    let label = if s.contains('+') {
+        r.to_string()
+    } else {
+        r.format.to_string()
+    };
+    Ok((label, r))
 }
 
 /// A finite ridge ≥ 0.
