@@ -2,6 +2,7 @@
 //! for the f32, turbo4 and turbo4+e1 (edge layers in q8_0) caches, perplexity of a short text is
 //! sane, and the cache's bytes equal the formula. Needs data/SmolLM2-135M-Instruct.Q4_1.gguf
 //! (scripts/fetch-model.sh) or KVPACK_MODEL; fails loudly without it.
+
 mod common;
 
 use kvpack::codec::KvFormat;
