@@ -63,3 +63,18 @@ fn compaction_commands_refuse_recipes_a_compacted_cache_cannot_hold() {
     ]);
     assert!(e.contains("bogus"), "{e}");
 }
+
+#[test]
+fn eval_compaction_reads_every_text_before_any_work() {
+    // The first text exists; the second does not: the error names it, before the model loads.
+    let e = fails(&[
+        "eval",
+        "compaction",
+        "--text",
+        "Cargo.toml,no-such-file.txt",
+        "--model",
+        "no-such-model.gguf",
+    ]);
+    assert!(e.contains("no-such-file.txt"), "{e}");
+    assert!(!e.contains("no-such-model"), "{e}");
+}

@@ -93,9 +93,11 @@ pub const REPEAT_PROMPT: &str = "\n\nRepeat the text above, word for word.\n\n";
 pub struct CompactionArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// A UTF-8 text file (scripts/fetch-data.sh fetches Brown and the KJV into data/).
-    #[arg(long)]
-    text: PathBuf,
+    /// UTF-8 text files (scripts/fetch-data.sh fetches Brown and the KJV into data/), comma
+    /// separated: each is evaluated on its own, and with several a table of the mean gaps over
+    /// them closes the report (`--json`: `{"texts": [one report per text], "mean_rows": …}`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    text: Vec<PathBuf>,
     /// Tokens of context that are compacted.
     #[arg(long, default_value_t = 1024)]
     context: usize,
@@ -311,6 +313,10 @@ fn measure(
     })
 }
 
+/// One job of `eval compaction` with the formats its result is measured in: (job, ratio,
+/// (label, recipe) per format).
+type EvalJob = (Job, f64, Vec<(String, KvRecipe)>);
+
 pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     let methods: Vec<Method> = a
         .methods
@@ -327,11 +333,15 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     if a.continuation < 2 || a.recall < 2 || a.recall > a.context {
         bail!("--continuation and --recall need at least 2 tokens, and --recall at most --context");
     }
-    let text = super::read_eval_text(&a.text)?;
+    // Every text read before any work: a missing file fails now, not after an hour.
+    let texts: Vec<String> = a
+        .text
+        .iter()
+        .map(|p| super::read_eval_text(p))
+        .collect::<Result<_>>()?;
     let gpu = gpu_args.open()?;
     let loaded = a.model.load(&gpu, a.json)?;
-    let model = &loaded.model;
-    let c = &model.config;
+    let c = &loaded.model.config;
     for (_, f) in &formats {
         f.validate_dim(c.head_dim)?;
     }
@@ -339,28 +349,81 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         parse_special: false,
         add_special: true,
     };
-    let ids = loaded.tokenizer.encode_with(&text, opts);
-    if ids.len() < a.context + a.continuation {
-        bail!(
-            "{} has {} tokens; --context {} + --continuation {} are needed",
-            a.text.display(),
-            ids.len(),
-            a.context,
-            a.continuation
-        );
-    }
-    let context = &ids[..a.context];
-    let continuation = &ids[a.context..a.context + a.continuation];
-    let recall = &ids[..a.recall];
-    let log = |m: &str| {
-        if !a.json {
-            eprintln!("{m}");
+    let ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| loaded.tokenizer.encode_with(t, opts))
+        .collect();
+    for (path, ids) in a.text.iter().zip(&ids) {
+        if ids.len() < a.context + a.continuation {
+            bail!(
+                "{} has {} tokens; --context {} + --continuation {} are needed",
+                path.display(),
+                ids.len(),
+                a.context,
+                a.continuation
+            );
         }
-    };
+    }
+    let jobs = eval_jobs(&a, &methods, &formats);
+    let mut reports = Vec::new();
+    for (path, ids) in a.text.iter().zip(&ids) {
+        let report = evaluate_text(&gpu, &loaded, &a, &jobs, path, ids)?;
+        if !a.json {
+            print_report(&gpu, &loaded, &a, &report);
+        }
+        reports.push(report);
+    }
+    let means = (reports.len() > 1).then(|| mean_rows(&reports));
+    if a.json {
+        let mut objects: Vec<serde_json::Value> = reports
+            .iter()
+            .map(|r| report_json(&gpu, &loaded, &a, r))
+            .collect();
+        let j = match means {
+            // One text: the report alone, as scripts have always read it.
+            None => objects.remove(0),
+            Some(means) => serde_json::json!({ "texts": objects, "mean_rows": means }),
+        };
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else if let Some(means) = means {
+        let w = means.iter().map(|r| r.kv.len()).max().unwrap_or(0).max(8);
+        println!();
+        println!(
+            "mean over {} texts (gap recovered; lowest of the texts in brackets)",
+            reports.len()
+        );
+        println!(
+            "{:<14} {:<11} {:<7} {:>6} {:<w$} {:>15} {:>15} {:>10}",
+            "method", "heads", "keys", "ratio", "kv", "gap", "recall gap", "KV bytes"
+        );
+        for r in &means {
+            println!(
+                "{:<14} {:<11} {:<7} {:>6} {:<w$} {:>6.3} ({:>6.3}) {:>6.3} ({:>6.3}) {:>10}",
+                r.method,
+                r.head_budgets,
+                r.selection,
+                r.ratio,
+                r.kv,
+                r.gap_recovered,
+                r.min_gap_recovered,
+                r.recall_gap_recovered,
+                r.min_recall_gap_recovered,
+                r.kv_bytes
+            );
+        }
+    }
+    Ok(())
+}
 
-    let f32_fmt: KvFormat = "f32".parse()?;
+/// The compaction jobs of `eval compaction`: every method, ratio, head-budget mode and key
+/// selection; with --fit-to-kv one job per format for Attention Matching.
+fn eval_jobs(
+    a: &CompactionArgs,
+    methods: &[Method],
+    formats: &[(String, KvRecipe)],
+) -> Vec<EvalJob> {
     let mut jobs = Vec::new();
-    for &m in &methods {
+    for &m in methods {
         for &r in &a.ratios {
             let budget = ((a.context as f64 / r).round() as usize).max(1);
             for &hb in &a.head_budgets {
@@ -382,22 +445,57 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
                         fit_for: None,
                     };
                     if a.fit_to_kv && m.is_attention_matching() {
-                        for f in &formats {
+                        for f in formats {
                             let fit_for = Some(FitFor::recipe(&f.1));
                             jobs.push((Job { fit_for, ..job }, r, vec![f.clone()]));
                         }
                     } else {
-                        jobs.push((job, r, formats.clone()));
+                        jobs.push((job, r, formats.to_vec()));
                     }
                 }
             }
         }
     }
+    jobs
+}
+
+/// What `eval compaction` measured on one text.
+struct TextReport {
+    text: String,
+    full: Measured,
+    none: Measured,
+    prefill_s: f64,
+    repeat_s: f64,
+    timings: CompactTimings,
+    rows: Vec<Row>,
+}
+
+/// Prefill, compact and measure one text (`ids`, at least context + continuation tokens).
+fn evaluate_text(
+    gpu: &Gpu,
+    loaded: &Loaded,
+    a: &CompactionArgs,
+    jobs: &[EvalJob],
+    path: &std::path::Path,
+    ids: &[u32],
+) -> Result<TextReport> {
+    let model = &loaded.model;
+    let c = &model.config;
+    let context = &ids[..a.context];
+    let continuation = &ids[a.context..a.context + a.continuation];
+    let recall = &ids[..a.recall];
+    let log = |m: &str| {
+        if !a.json {
+            eprintln!("{m}");
+        }
+    };
+    log(&format!("{}:", path.display()));
+    let f32_fmt: KvFormat = "f32".parse()?;
     let job_list: Vec<Job> = jobs.iter().map(|(j, _, _)| *j).collect();
     let fit = a.fit.options();
     let run = compact_tokens(
-        &gpu,
-        &loaded,
+        gpu,
+        loaded,
         context,
         &job_list,
         a.reference_positions,
@@ -438,9 +536,9 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     };
     let f32_recipe = KvRecipe::plain(f32_fmt, a.sinks);
     log("measuring: full context");
-    let m_full = measure(&gpu, model, &f32_recipe, Some(&full), continuation, recall)?;
+    let m_full = measure(gpu, model, &f32_recipe, Some(&full), continuation, recall)?;
     log("measuring: no context");
-    let m_none = measure(&gpu, model, &f32_recipe, None, continuation, recall)?;
+    let m_none = measure(gpu, model, &f32_recipe, None, continuation, recall)?;
     let kv_bytes_f16_full = (2 * c.n_layer * c.n_head_kv * a.context * c.head_dim * 2) as u64;
     let gap = |none: f64, full: f64, x: f64| (none - x) / (none - full);
     let mut rows = Vec::new();
@@ -458,7 +556,7 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         };
         for (label, f) in measured {
             log(&format!("measuring: {m} {r}x {label}"));
-            let got = measure(&gpu, model, f, Some(&compacted[j]), continuation, recall)?;
+            let got = measure(gpu, model, f, Some(&compacted[j]), continuation, recall)?;
             rows.push(Row {
                 method: m.to_string(),
                 head_budgets: match job.head_budgets {
@@ -486,81 +584,146 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
             });
         }
     }
-    if a.json {
-        let j = serde_json::json!({
-            "backend": gpu.backend_name(), "model": loaded.name,
-            "text": a.text.display().to_string(),
-            "context": a.context, "continuation": a.continuation, "recall": a.recall,
-            "ppl_full": m_full.ppl, "ppl_none": m_none.ppl,
-            "recall_ppl_full": m_full.recall, "recall_ppl_none": m_none.recall,
-            "kv_bytes_full_f32": m_full.kv_bytes,
-            "prefill_seconds": prefill_s,
-            "repeat_prefill_seconds": repeat_s,
-            "reference_scores_seconds": timings.reference_scores_s,
-            "context_scores_seconds": timings.context_scores_s,
-            "fit_seconds": timings.fit_s,
-            "rows": rows,
-        });
-        println!("{}", serde_json::to_string_pretty(&j)?);
-    } else {
+    Ok(TextReport {
+        text: path.display().to_string(),
+        full: m_full,
+        none: m_none,
+        prefill_s,
+        repeat_s,
+        timings: run.timings,
+        rows,
+    })
+}
+
+fn report_json(
+    gpu: &Gpu,
+    loaded: &Loaded,
+    a: &CompactionArgs,
+    r: &TextReport,
+) -> serde_json::Value {
+    serde_json::json!({
+        "backend": gpu.backend_name(), "model": loaded.name,
+        "text": r.text,
+        "context": a.context, "continuation": a.continuation, "recall": a.recall,
+        "ppl_full": r.full.ppl, "ppl_none": r.none.ppl,
+        "recall_ppl_full": r.full.recall, "recall_ppl_none": r.none.recall,
+        "kv_bytes_full_f32": r.full.kv_bytes,
+        "prefill_seconds": r.prefill_s,
+        "repeat_prefill_seconds": r.repeat_s,
+        "reference_scores_seconds": r.timings.reference_scores_s,
+        "context_scores_seconds": r.timings.context_scores_s,
+        "fit_seconds": r.timings.fit_s,
+        "rows": r.rows,
+    })
+}
+
+fn print_report(gpu: &Gpu, loaded: &Loaded, a: &CompactionArgs, r: &TextReport) {
+    let timings = &r.timings;
+    println!(
+        "{} on {} ({}): {} context tokens of {}, {} continuation, {} recall",
+        loaded.name,
+        gpu.report().name,
+        gpu.backend_name(),
+        a.context,
+        r.text,
+        a.continuation,
+        a.recall
+    );
+    println!(
+        "full context: ppl {:.3}, recall ppl {:.3}; no context: ppl {:.3}, recall ppl {:.3}; prefill {:.1} s",
+        r.full.ppl, r.full.recall, r.none.ppl, r.none.recall, r.prefill_s
+    );
+    println!(
+        "compaction time: repeat prefill {:.1} s, reference scores {:.1} s, context scores {:.1} s, fits {} s",
+        r.repeat_s,
+        timings.reference_scores_s,
+        timings.context_scores_s,
+        timings
+            .fit_s
+            .iter()
+            .map(|s| format!("{s:.1}"))
+            .collect::<Vec<_>>()
+            .join("/")
+    );
+    let w = r.rows.iter().map(|r| r.kv.len()).max().unwrap_or(0).max(8);
+    println!(
+        "{:<14} {:<11} {:<7} {:>6} {:<w$} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",
+        "method",
+        "heads",
+        "keys",
+        "ratio",
+        "kv",
+        "ppl",
+        "gap",
+        "recall",
+        "gap",
+        "KV bytes",
+        "seconds"
+    );
+    for r in &r.rows {
         println!(
-            "{} on {} ({}): {} context tokens of {}, {} continuation, {} recall",
-            loaded.name,
-            gpu.report().name,
-            gpu.backend_name(),
-            a.context,
-            a.text.display(),
-            a.continuation,
-            a.recall
+            "{:<14} {:<11} {:<7} {:>6} {:<w$} {:>9.3} {:>6.3} {:>9.3} {:>6.3} {:>10} {:>8.1}",
+            r.method,
+            r.head_budgets,
+            r.selection,
+            r.ratio,
+            r.kv,
+            r.ppl,
+            r.gap_recovered,
+            r.recall_ppl,
+            r.recall_gap_recovered,
+            r.kv_bytes,
+            r.seconds
         );
-        println!(
-            "full context: ppl {:.3}, recall ppl {:.3}; no context: ppl {:.3}, recall ppl {:.3}; prefill {:.1} s",
-            m_full.ppl, m_full.recall, m_none.ppl, m_none.recall, prefill_s
-        );
-        println!(
-            "compaction time: repeat prefill {:.1} s, reference scores {:.1} s, context scores {:.1} s, fits {} s",
-            repeat_s,
-            timings.reference_scores_s,
-            timings.context_scores_s,
-            timings
-                .fit_s
-                .iter()
-                .map(|s| format!("{s:.1}"))
-                .collect::<Vec<_>>()
-                .join("/")
-        );
-        println!(
-            "{:<14} {:<11} {:<7} {:>6} {:<8} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",
-            "method",
-            "heads",
-            "keys",
-            "ratio",
-            "kv",
-            "ppl",
-            "gap",
-            "recall",
-            "gap",
-            "KV bytes",
-            "seconds"
-        );
-        for r in &rows {
-            println!(
-                "{:<14} {:<11} {:<7} {:>6} {:<8} {:>9.3} {:>6.3} {:>9.3} {:>6.3} {:>10} {:>8.1}",
-                r.method,
-                r.head_budgets,
-                r.selection,
-                r.ratio,
-                r.kv,
-                r.ppl,
-                r.gap_recovered,
-                r.recall_ppl,
-                r.recall_gap_recovered,
-                r.kv_bytes,
-                r.seconds
-            );
-        }
     }
-    Ok(())
+}
+
+/// One row of the mean over texts: the rows at the same place in every text's report (the same
+/// job and format), their gaps averaged, the lowest beside them.
+#[derive(Serialize)]
+struct MeanRow {
+    method: String,
+    head_budgets: String,
+    selection: String,
+    fitted_to_kv: bool,
+    ratio: f64,
+    kv: String,
+    tokens_per_head: usize,
+    gap_recovered: f64,
+    min_gap_recovered: f64,
+    recall_gap_recovered: f64,
+    min_recall_gap_recovered: f64,
+    kv_bytes: u64,
+    kv_bytes_f16_full: u64,
+    texts: usize,
+}
+
+fn mean_rows(reports: &[TextReport]) -> Vec<MeanRow> {
+    let n = reports.len() as f64;
+    (0..reports[0].rows.len())
+        .map(|i| {
+            let rows: Vec<&Row> = reports.iter().map(|r| &r.rows[i]).collect();
+            let mean = |f: fn(&Row) -> f64| rows.iter().map(|r| f(r)).sum::<f64>() / n;
+            let min = |f: fn(&Row) -> f64| rows.iter().map(|r| f(r)).fold(f64::INFINITY, f64::min);
+            let r0 = rows[0];
+            MeanRow {
+                method: r0.method.clone(),
+                head_budgets: r0.head_budgets.clone(),
+                selection: r0.selection.clone(),
+                fitted_to_kv: r0.fitted_to_kv,
+                ratio: r0.ratio,
+                kv: r0.kv.clone(),
+                tokens_per_head: r0.tokens_per_head,
+                gap_recovered: mean(|r| r.gap_recovered),
+                min_gap_recovered: min(|r| r.gap_recovered),
+                recall_gap_recovered: mean(|r| r.recall_gap_recovered),
+                min_recall_gap_recovered: min(|r| r.recall_gap_recovered),
+                kv_bytes: rows.iter().map(|r| r.kv_bytes).max().unwrap_or(0),
+                kv_bytes_f16_full: r0.kv_bytes_f16_full,
+                texts: rows.len(),
+            }
+        })
+        .collect()
 }
 
 #[derive(Args)]
