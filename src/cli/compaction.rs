@@ -96,7 +96,7 @@ pub struct CompactionArgs {
     /// UTF-8 text files (scripts/fetch-data.sh fetches Brown and the KJV into data/), comma
     /// separated: each is evaluated on its own, and with several a table of the mean gaps over
     /// them closes the report (`--json`: `{"texts": [one report per text], "mean_rows": …}`).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required = true, value_name = "FILE[,FILE…]")]
     text: Vec<PathBuf>,
     /// Tokens of context that are compacted.
     #[arg(long, default_value_t = 1024)]
