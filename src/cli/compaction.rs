@@ -96,7 +96,12 @@ pub struct CompactionArgs {
     /// UTF-8 text files (scripts/fetch-data.sh fetches Brown and the KJV into data/), comma
     /// separated: each is evaluated on its own, and with several a table of the mean gaps over
     /// them closes the report (`--json`: `{"texts": [one report per text], "mean_rows": …}`).
-    #[arg(long, value_delimiter = ',', required = true, value_name = "FILE[,FILE…]")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required = true,
+        value_name = "FILE[,FILE…]"
+    )]
     text: Vec<PathBuf>,
     /// Tokens of context that are compacted.
     #[arg(long, default_value_t = 1024)]
@@ -150,8 +155,9 @@ pub struct CompactionArgs {
     json: bool,
 }
 
-#[derive(Serialize)]
-struct Row {
+/// What a row of `eval compaction` measured: the job and the format.
+#[derive(Clone, Serialize)]
+struct RowKey {
     method: String,
     head_budgets: String,
     selection: String,
@@ -159,6 +165,12 @@ struct Row {
     ratio: f64,
     kv: String,
     tokens_per_head: usize,
+}
+
+#[derive(Serialize)]
+struct Row {
+    #[serde(flatten)]
+    key: RowKey,
     tokens_kept: usize,
     ppl: f64,
     gap_recovered: f64,
@@ -386,7 +398,12 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         };
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else if let Some(means) = means {
-        let w = means.iter().map(|r| r.kv.len()).max().unwrap_or(0).max(8);
+        let w = means
+            .iter()
+            .map(|r| r.key.kv.len())
+            .max()
+            .unwrap_or(0)
+            .max(8);
         println!();
         println!(
             "mean over {} texts (gap recovered; lowest of the texts in brackets)",
@@ -399,11 +416,11 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
         for r in &means {
             println!(
                 "{:<14} {:<11} {:<7} {:>6} {:<w$} {:>6.3} ({:>6.3}) {:>6.3} ({:>6.3}) {:>10}",
-                r.method,
-                r.head_budgets,
-                r.selection,
-                r.ratio,
-                r.kv,
+                r.key.method,
+                r.key.head_budgets,
+                r.key.selection,
+                r.key.ratio,
+                r.key.kv,
                 r.gap_recovered,
                 r.min_gap_recovered,
                 r.recall_gap_recovered,
@@ -558,20 +575,22 @@ fn evaluate_text(
             log(&format!("measuring: {m} {r}x {label}"));
             let got = measure(gpu, model, f, Some(&compacted[j]), continuation, recall)?;
             rows.push(Row {
-                method: m.to_string(),
-                head_budgets: match job.head_budgets {
-                    HeadBudgets::Uniform => "uniform".into(),
-                    HeadBudgets::Sensitivity => "sensitivity".into(),
+                key: RowKey {
+                    method: m.to_string(),
+                    head_budgets: match job.head_budgets {
+                        HeadBudgets::Uniform => "uniform".into(),
+                        HeadBudgets::Sensitivity => "sensitivity".into(),
+                    },
+                    selection: if m.is_attention_matching() {
+                        job.selection.to_string()
+                    } else {
+                        "-".into()
+                    },
+                    fitted_to_kv: job.fit_for.is_some(),
+                    ratio: r,
+                    kv: label.clone(),
+                    tokens_per_head: budget,
                 },
-                selection: if m.is_attention_matching() {
-                    job.selection.to_string()
-                } else {
-                    "-".into()
-                },
-                fitted_to_kv: job.fit_for.is_some(),
-                ratio: r,
-                kv: label.clone(),
-                tokens_per_head: budget,
                 tokens_kept: compacted[j].total_tokens(),
                 ppl: got.ppl,
                 gap_recovered: gap(m_none.ppl, m_full.ppl, got.ppl),
@@ -645,7 +664,13 @@ fn print_report(gpu: &Gpu, loaded: &Loaded, a: &CompactionArgs, r: &TextReport) 
             .collect::<Vec<_>>()
             .join("/")
     );
-    let w = r.rows.iter().map(|r| r.kv.len()).max().unwrap_or(0).max(8);
+    let w = r
+        .rows
+        .iter()
+        .map(|r| r.key.kv.len())
+        .max()
+        .unwrap_or(0)
+        .max(8);
     println!(
         "{:<14} {:<11} {:<7} {:>6} {:<w$} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",
         "method",
@@ -663,11 +688,11 @@ fn print_report(gpu: &Gpu, loaded: &Loaded, a: &CompactionArgs, r: &TextReport) 
     for r in &r.rows {
         println!(
             "{:<14} {:<11} {:<7} {:>6} {:<w$} {:>9.3} {:>6.3} {:>9.3} {:>6.3} {:>10} {:>8.1}",
-            r.method,
-            r.head_budgets,
-            r.selection,
-            r.ratio,
-            r.kv,
+            r.key.method,
+            r.key.head_budgets,
+            r.key.selection,
+            r.key.ratio,
+            r.key.kv,
             r.ppl,
             r.gap_recovered,
             r.recall_ppl,
@@ -682,13 +707,8 @@ fn print_report(gpu: &Gpu, loaded: &Loaded, a: &CompactionArgs, r: &TextReport) 
 /// job and format), their gaps averaged, the lowest beside them.
 #[derive(Serialize)]
 struct MeanRow {
-    method: String,
-    head_budgets: String,
-    selection: String,
-    fitted_to_kv: bool,
-    ratio: f64,
-    kv: String,
-    tokens_per_head: usize,
+    #[serde(flatten)]
+    key: RowKey,
     gap_recovered: f64,
     min_gap_recovered: f64,
     recall_gap_recovered: f64,
@@ -707,13 +727,7 @@ fn mean_rows(reports: &[TextReport]) -> Vec<MeanRow> {
             let min = |f: fn(&Row) -> f64| rows.iter().map(|r| f(r)).fold(f64::INFINITY, f64::min);
             let r0 = rows[0];
             MeanRow {
-                method: r0.method.clone(),
-                head_budgets: r0.head_budgets.clone(),
-                selection: r0.selection.clone(),
-                fitted_to_kv: r0.fitted_to_kv,
-                ratio: r0.ratio,
-                kv: r0.kv.clone(),
-                tokens_per_head: r0.tokens_per_head,
+                key: r0.key.clone(),
                 gap_recovered: mean(|r| r.gap_recovered),
                 min_gap_recovered: min(|r| r.gap_recovered),
                 recall_gap_recovered: mean(|r| r.recall_gap_recovered),
