@@ -289,6 +289,7 @@ fn ppl(gpu: &Gpu, session: &mut Session<'_>, tokens: &[u32]) -> Result<f64> {
     Ok((nll / (tokens.len() - 1) as f64).exp())
 }
 
+#[derive(Clone, Copy)]
 struct Measured {
     ppl: f64,
     recall: f64,
@@ -880,5 +881,67 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
         Ok(x)
     } else {
         Err(format!("{x} is not between 0 and 1"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kv: &str, gap: f64, recall_gap: f64) -> Row {
+        Row {
+            key: RowKey {
+                method: "h2o".into(),
+                head_budgets: "uniform".into(),
+                selection: "-".into(),
+                fitted_to_kv: false,
+                ratio: 10.0,
+                kv: kv.into(),
+                tokens_per_head: 102,
+            },
+            tokens_kept: 9180,
+            ppl: 20.0,
+            gap_recovered: gap,
+            recall_ppl: 30.0,
+            recall_gap_recovered: recall_gap,
+            kv_bytes: 1000,
+            kv_bytes_f16_full: 10_000,
+            seconds: 1.0,
+            prefill_seconds: 2.0,
+        }
+    }
+
+    fn report(rows: Vec<Row>) -> TextReport {
+        let m = Measured {
+            ppl: 1.0,
+            recall: 1.0,
+            kv_bytes: 1,
+        };
+        TextReport {
+            text: "t".into(),
+            full: m,
+            none: m,
+            prefill_s: 0.0,
+            repeat_s: 0.0,
+            timings: CompactTimings::default(),
+            rows,
+        }
+    }
+
+    #[test]
+    fn mean_rows_average_each_row_over_the_texts_and_keep_the_lowest() {
+        let reports = [
+            report(vec![row("f32", 0.8, 0.4), row("turbo4", 0.6, -0.2)]),
+            report(vec![row("f32", 0.6, 0.5), row("turbo4", 0.7, 0.1)]),
+        ];
+        let means = mean_rows(&reports);
+        assert_eq!(means.len(), 2);
+        assert_eq!(means[1].key.kv, "turbo4");
+        assert!((means[0].gap_recovered - 0.7).abs() < 1e-12);
+        assert!((means[0].min_gap_recovered - 0.6).abs() < 1e-12);
+        assert!((means[0].recall_gap_recovered - 0.45).abs() < 1e-12);
+        assert!((means[1].recall_gap_recovered + 0.05).abs() < 1e-12);
+        assert!((means[1].min_recall_gap_recovered + 0.2).abs() < 1e-12);
+        assert_eq!(means[1].texts, 2);
     }
 }
