@@ -71,6 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ring: 0,
         recent: Recent::All,
         center: None,
+        appended: 0,
     };
     let (q, out) = (
         gpu.upload("q", &query),

@@ -14,7 +14,7 @@ fn fails(args: &[&str]) -> String {
 
 #[test]
 fn compaction_commands_refuse_recipes_a_compacted_cache_cannot_hold() {
-    for kv in ["turbo4u+s2+r8", "tq4", "turbo3+c"] {
+    for kv in ["turbo4u+s2+r8+c", "tq4", "turbo3+c"] {
         let e = fails(&[
             "eval",
             "compaction",
@@ -24,7 +24,7 @@ fn compaction_commands_refuse_recipes_a_compacted_cache_cannot_hold() {
             kv,
         ]);
         assert!(
-            e.contains("a compacted cache takes sinks and edge layers"),
+            e.contains("a compacted cache takes sinks, a recent window and edge layers"),
             "{kv}: {e}"
         );
         let e = fails(&[
@@ -39,11 +39,20 @@ fn compaction_commands_refuse_recipes_a_compacted_cache_cannot_hold() {
             "x.kvpack",
         ]);
         assert!(
-            e.contains("a compacted cache takes sinks and edge layers"),
+            e.contains("a compacted cache takes sinks, a recent window and edge layers"),
             "{kv}: {e}"
         );
     }
-    // A recipe that does parse gets past --kv, to the missing text.
+    // Recipes a compacted cache takes get past --kv, to the missing text.
+    let e = fails(&[
+        "eval",
+        "compaction",
+        "--text",
+        "no-such-file.txt",
+        "--kv",
+        "turbo4u+s2+r14",
+    ]);
+    assert!(e.contains("no-such-file.txt"), "{e}");
     let e = fails(&[
         "eval",
         "compaction",

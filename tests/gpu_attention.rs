@@ -121,6 +121,7 @@ fn run_case(
         ring: 0,
         recent: Recent::All,
         center: None,
+        appended: 0,
     };
     let qb = gpu.upload("q", &q);
     let out = gpu.zeros::<f32>("out", q.len());

@@ -403,3 +403,63 @@ fn per_layer_formats_attend_and_count_as_their_own_format() {
         assert_eq!(mixed.1, rest.unwrap() + pages);
     }
 }
+
+/// A window of recent tokens after a ragged load holds only the tokens appended since (every
+/// loaded token is in the pages): with f16 pages, which store what the window stores, attention
+/// and bytes equal a cache without a window, through appends that move tokens out of it.
+#[test]
+fn a_window_after_a_ragged_load_holds_only_the_appended_tokens() {
+    let d = SHAPE.head_dim;
+    let kvh = SHAPE.n_kv_heads;
+    for gpu in gpus() {
+        let mut rng = Rng::new(44);
+        let heads = ragged_heads(&mut rng);
+        let steps: Vec<Step> = [3usize, 1, 5, 1, 2]
+            .iter()
+            .map(|&n| {
+                let k = rng.gauss(n * kvh * d);
+                let v = rng.gauss(n * kvh * d);
+                let q = rng.gauss(n * SHAPE.n_heads * d);
+                (n, k, v, q)
+            })
+            .collect();
+        let run = |recent: usize| {
+            let mut cache = KvCache::new(
+                &gpu,
+                KvConfig {
+                    recent,
+                    ..config("f16")
+                },
+            )
+            .unwrap();
+            load(&gpu, &mut cache, &heads, true);
+            assert_eq!(cache.window_bytes(), 0);
+            let mut out = Vec::new();
+            let mut bytes = Vec::new();
+            for (n, k, v, q) in &steps {
+                out.push(append_and_attend(&gpu, &mut cache, *n, k, v, q));
+                bytes.push(cache.bytes());
+            }
+            (out, bytes, cache.window_bytes())
+        };
+        let (plain, plain_bytes, _) = run(0);
+        let (windowed, windowed_bytes, window) = run(4);
+        // After 12 appended tokens the window holds the last 4.
+        assert_eq!(window, (LENS.len() * kvh * 4 * 2 * d * 2) as u64);
+        assert_eq!(windowed_bytes, plain_bytes);
+        for (s, (a, b)) in windowed.iter().zip(&plain).enumerate() {
+            for (l, (x, y)) in a.iter().zip(b).enumerate() {
+                let diff = x
+                    .iter()
+                    .zip(y)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    diff < 1e-4,
+                    "{}: step {s} layer {l} differs by {diff}",
+                    gpu.backend_name()
+                );
+            }
+        }
+    }
+}

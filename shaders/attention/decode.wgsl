@@ -10,6 +10,7 @@
 // dimension j over tokens r, r+R, … for each of them.
 
 #include "common/format.wgsl"
+#include "common/window.wgsl"
 
 override K_KIND: u32 = 0u;
 override K_BITS_A: u32 = 0u;
@@ -49,7 +50,7 @@ struct Params {
     ring: u32,         // 0: token t at page index first + t; else at first + t % ring
     recent: u32,       // with recent_mode: a number of trailing positions of each query
     recent_mode: u32,  // 0 all visible tokens; 1 all but the last `recent`; 2 only the last `recent`
-    _pad: u32,
+    appended: u32,     // 0, or tokens appended since a load: the window holds no earlier ones
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -505,10 +506,11 @@ fn main(@builtin(local_invocation_index) lid: u32,
     // region holds nothing else.
     var lo = params.skip;
     var hi = visible;
+    let w = window_len(params.recent, params.appended, params.n_q, qi);
     if (params.recent_mode == 1u) {
-        hi = select(0u, visible - params.recent, visible >= params.recent);
-    } else if (params.recent_mode == 2u && visible >= params.recent) {
-        lo = max(lo, visible - params.recent);
+        hi = select(0u, visible - w, visible >= w);
+    } else if (params.recent_mode == 2u && visible >= w) {
+        lo = max(lo, visible - w);
     }
     let start = lo + split * params.split_len;
     let end = min(hi, start + params.split_len);

@@ -9,6 +9,8 @@
 // Writes split-K partials (m, l, acc[D], acc_qjl[D] = 0) with split = tile, like decode.wgsl;
 // combine.wgsl merges them.
 
+#include "common/window.wgsl"
+
 override D: u32 = 64u;
 override K_F16: bool = false;
 override V_F16: bool = false;
@@ -33,7 +35,7 @@ struct Params {
     recent: u32,       // recent_mode 1: the query's last `recent` positions are left out
     recent_mode: u32,  // 0 all visible tokens; 1 all but the last `recent`
     scale: f32,        // softmax scale, 1/√d
-    _pad0: u32,
+    appended: u32,     // 0, or tokens appended since a load: the window holds no earlier ones
     _pad1: u32,
     _pad2: u32,
 }
@@ -58,7 +60,8 @@ fn limit_of(qi: u32, len: u32) -> u32 {
     let own = select(len, params.total_len, params.total_len > 0u) + qi + 1u;
     let visible = min(len, select(0u, own - params.n_q, own >= params.n_q));
     if (params.recent_mode == 1u) {
-        return select(0u, visible - params.recent, visible >= params.recent);
+        let w = window_len(params.recent, params.appended, params.n_q, qi);
+        return select(0u, visible - w, visible >= w);
     }
     return visible;
 }

@@ -52,6 +52,11 @@ pub struct KvPages<'a> {
     /// floats): attention adds `⟨q, μ⟩/√d` to every score of the region. Not with `bias` (both
     /// would take the same binding: eight storage buffers is the portable limit).
     pub center: Option<&'a GpuVec<f32>>,
+    /// 0, or the tokens appended to the cache since a ragged load put every earlier token in
+    /// the pages ([`crate::kv::KvCache::load_ragged`]): a query's window of recent tokens
+    /// ([`Recent::Before`], [`Recent::Last`]) then covers at most the appended tokens up to its
+    /// own position.
+    pub appended: usize,
 }
 
 /// How a region's value page stores its vectors.
@@ -96,7 +101,7 @@ struct DecodeParams {
     ring: u32,
     recent: u32,
     recent_mode: u32,
-    _pad: u32,
+    appended: u32,
 }
 
 #[repr(C)]
@@ -137,7 +142,8 @@ struct RowsParams {
     recent: u32,
     recent_mode: u32,
     scale: f32,
-    _pad: [u32; 3],
+    appended: u32,
+    _pad: [u32; 2],
 }
 
 /// Tokens per split-K workgroup: long contexts spread over many workgroups, short ones use one.
@@ -418,7 +424,7 @@ pub fn decode_attention_into(
             ring: kv.ring as u32,
             recent: recent as u32,
             recent_mode,
-            _pad: 0,
+            appended: kv.appended as u32,
         };
         split_base += n_splits;
         let ub = gpu.uniform("attention params", &params);
@@ -591,7 +597,8 @@ fn prompt_rows(
                 recent: recent as u32,
                 recent_mode,
                 scale: 1.0 / (d as f32).sqrt(),
-                _pad: [0; 3],
+                appended: kv.appended as u32,
+                _pad: [0; 2],
             };
             let ub = gpu.uniform("prompt rows params", &params);
             let block = (r.block_base + 2 * (h * r.n_tiles + t)) as u64;

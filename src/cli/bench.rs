@@ -313,6 +313,7 @@ fn kernels(
                 ring: 0,
                 recent: Recent::All,
                 center: None,
+                appended: 0,
             };
             decode_attention_into(
                 &gpu,

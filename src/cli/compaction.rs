@@ -123,9 +123,10 @@ pub struct CompactionArgs {
         default_value = "am,am-mix,h2o,snapkv,streaming"
     )]
     methods: Vec<String>,
-    /// KV formats the compacted cache is stored in: formats (with --sinks) or recipes with sinks
-    /// and edge layers, such as `turbo4u+s2+e1` (the first and last layer in q8_0); a compacted
-    /// cache takes no recent window or centered keys.
+    /// KV formats the compacted cache is stored in: formats (with --sinks) or recipes with sinks,
+    /// a window and edge layers, such as `turbo4u+s2+r14+e1` (2 f16 sinks, the 14 tokens before
+    /// each new one in f16, the first and last layer in q8_0); not centered keys. The window
+    /// holds tokens that come after the compacted context, so it adds no bytes to the rows'.
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     kv: Vec<String>,
     /// Reference-query positions per KV head (evenly spaced over the repeat prefill).
@@ -772,7 +773,7 @@ pub struct CompactArgs {
     #[arg(long)]
     fit_to_kv: bool,
     /// KV format the compacted tokens are stored in when the file is loaded: a format, or a
-    /// recipe with sinks and edge layers such as `turbo4u+s2+e1` (no recent window or centered
+    /// recipe with sinks, a window and edge layers such as `turbo4u+s2+r14+e1` (not centered
     /// keys).
     #[arg(long, default_value = "f32")]
     kv: String,
@@ -851,9 +852,9 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
 /// recipe is written out in full.
 fn compacted_recipe(s: &str, sinks: usize) -> Result<(String, KvRecipe)> {
     let r = KvRecipe::parse_with(s, sinks, 0)?;
-    if r.recent > 0 || r.center_keys {
+    if r.center_keys {
         bail!(
-            "--kv {s}: a compacted cache takes sinks and edge layers (such as turbo4u+s2+e1), not a recent window (+r) or centered keys (+c)"
+            "--kv {s}: a compacted cache takes sinks, a recent window and edge layers (such as turbo4u+s2+r14+e1), not centered keys (+c)"
         );
     }
     let label = if s.contains('+') {

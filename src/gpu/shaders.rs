@@ -17,6 +17,7 @@ shader_files!(
     "common/bits.wgsl",
     "common/hadamard.wgsl",
     "common/format.wgsl",
+    "common/window.wgsl",
     "codec/encode.wgsl",
     "codec/decode.wgsl",
     "attention/decode.wgsl",

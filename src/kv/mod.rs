@@ -187,6 +187,10 @@ pub struct KvCache {
     entering: std::ops::Range<usize>,
     /// First position of the append that estimates the key means (once it has begun).
     mean_append: Option<usize>,
+    /// Tokens per head of the last [`KvCache::load_ragged`] (in the longest head): with a
+    /// window of recent tokens, they are all in the pages, and the window holds only tokens
+    /// appended since.
+    loaded: Option<usize>,
     /// Ragged heads: per layer and KV head, the slots before the head's first token
     /// (`tmax − t_lh`); `None` when every head starts at its first slot.
     offsets: Option<Vec<Vec<usize>>>,
@@ -274,6 +278,7 @@ impl KvCache {
             paged: 0,
             entering: 0..0,
             mean_append: None,
+            loaded: None,
             offsets: None,
             layer_heads: Vec::new(),
             bias: None,
@@ -373,6 +378,12 @@ impl KvCache {
     /// Make room for `n` more tokens: the heads table already counts them (attention recorded
     /// after this sees them), and [`KvCache::append_into`] writes them at positions `len..len + n`.
     pub fn begin_tokens(&mut self, gpu: &Gpu, n: usize) -> Result<usize, KvError> {
+        self.begin(gpu, n, false)
+    }
+
+    /// [`KvCache::begin_tokens`]; `load`: the tokens all go to the pages and the sinks (a
+    /// ragged load), none to the window, however many.
+    fn begin(&mut self, gpu: &Gpu, n: usize, load: bool) -> Result<usize, KvError> {
         if self.len + n > self.config.capacity {
             return Err(KvError::Full {
                 capacity: self.config.capacity,
@@ -380,7 +391,7 @@ impl KvCache {
                 more: n,
             });
         }
-        if (self.config.recent > 0 || self.config.center_keys) && n > MAX_APPEND {
+        if (self.config.recent > 0 || self.config.center_keys) && n > MAX_APPEND && !load {
             return Err(KvError::Config(format!(
                 "{n} tokens appended at once: a cache with a recent window or centered keys takes at most {MAX_APPEND}"
             )));
@@ -393,7 +404,8 @@ impl KvCache {
         // Tokens past the sinks enter the pages: on write without a window; with one, when the
         // next query no longer reads them from it (older than its `recent` tokens before it).
         let from = self.paged.max(self.config.sinks.min(self.len));
-        let to = self.len.saturating_sub(self.config.recent).max(from);
+        let recent = if load { 0 } else { self.config.recent };
+        let to = self.len.saturating_sub(recent).max(from);
         self.entering = from..to;
         self.paged = to;
         self.write_heads(gpu, self.len);
@@ -521,7 +533,9 @@ impl KvCache {
     /// the module docs), so the next token is appended at position `tmax` in every head. Each
     /// head's first `sinks` tokens go to the f16 sink pages, the rest are quantized into the
     /// pages. Heads of different lengths must each keep at least the `sinks` tokens; the cache
-    /// may have neither a window of recent tokens nor centered keys.
+    /// may not have centered keys. With a window of recent tokens, every loaded token is in the
+    /// pages (or the sinks), and the window fills with the tokens appended after the load: a
+    /// query's window reaches back only as far as those.
     pub fn load_ragged(
         &mut self,
         gpu: &Gpu,
@@ -537,10 +551,8 @@ impl KvCache {
                 self.len
             ));
         }
-        if c.recent > 0 || c.center_keys {
-            return bad(
-                "a ragged load takes a cache without a recent window or centered keys".into(),
-            );
+        if c.center_keys {
+            return bad("a ragged load takes a cache without centered keys".into());
         }
         if tokens.len() != c.n_layer || tokens.iter().any(|l| l.len() != c.n_kv_heads) {
             return bad(format!(
@@ -598,8 +610,9 @@ impl KvCache {
         } else {
             self.offsets = None;
         }
-        let first = self.begin_tokens(gpu, tmax)?;
+        let first = self.begin(gpu, tmax, true)?;
         debug_assert_eq!(first, 0);
+        self.loaded = Some(tmax);
         let slots = c.n_kv_heads * c.capacity;
         for (l, layer) in tokens.iter().enumerate() {
             // Head-major: head h's tokens from vector `at[h]` on.
@@ -706,6 +719,7 @@ impl KvCache {
     pub fn pages(&self, layer: usize) -> Vec<KvPages<'_>> {
         let lc = &self.layers[layer];
         let c = &self.config;
+        let appended = self.loaded.map_or(0, |t| self.len - t);
         let mut regions = vec![KvPages {
             k_codec: &lc.k,
             v_codec: &lc.v,
@@ -728,6 +742,7 @@ impl KvCache {
                 Recent::All
             },
             center: self.key_mean(layer),
+            appended,
         }];
         if c.sinks > 0 {
             regions.push(KvPages {
@@ -744,6 +759,7 @@ impl KvCache {
                 ring: 0,
                 recent: Recent::All,
                 center: None,
+                appended,
             });
         }
         if c.recent > 0 {
@@ -761,6 +777,7 @@ impl KvCache {
                 ring: self.ring_slots(),
                 recent: Recent::Last(c.recent + 1),
                 center: self.key_mean(layer),
+                appended,
             });
         }
         regions
@@ -901,6 +918,7 @@ impl KvCache {
         self.paged = 0;
         self.entering = 0..0;
         self.mean_append = None;
+        self.loaded = None;
         self.offsets = None;
         self.bias = None;
         self.bias_lens.clear();

@@ -292,10 +292,10 @@ impl<'m> Session<'m> {
     ) -> Result<Session<'m>, ModelError> {
         let c = &model.config;
         let bad = |what: String| ModelError::Kv(KvError::Config(what));
-        if recipe.recent > 0 || recipe.center_keys {
+        if recipe.center_keys {
             return Err(bad(format!(
-                "a compacted cache takes a format with sinks (such as turbo4+s4), not {recipe}: \
-                 the recent window and centered keys do not carry compaction's biases yet"
+                "a compacted cache takes a format with sinks and a recent window (such as \
+                 turbo4u+s2+r14), not {recipe}: centered keys do not carry compaction's biases yet"
             )));
         }
         if compacted.layers.len() != c.n_layer
