@@ -148,7 +148,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             let sha = kvpack::model::fetch::sha256_file(&loaded.path)
                 .with_context(|| format!("hashing {}", loaded.path.display()))?;
             let (header, compacted) = kvpack::compact::file::load(path, &sha)?;
-            kv = KvRecipe::parse_with(&header.kv, a.sinks, 0)?;
+            kv = KvRecipe::parse_with(&header.kv, a.sinks, a.recent)?;
             kv.validate_dim(model.config.head_dim)?;
             Session::from_compacted(&gpu, model, &kv, &compacted, a.context)?
         }
