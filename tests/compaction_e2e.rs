@@ -203,6 +203,20 @@ fn compacted_sessions_continue_from_the_context() {
         assert_eq!(s.cache().stored_tokens(), total);
         let logits = pollster::block_on(s.forward(&gpu, next, Logits::All)).unwrap();
         assert!(logits.iter().all(|x| x.is_finite()));
+        // A window of recent tokens over the ragged cache holds only the tokens that come after
+        // it: with f16 pages, which store what the window stores, the logits do not move (beyond
+        // the summation order of other kernels: the bound of the full-cache check above).
+        let window_logits = |recipe: &str| {
+            let recipe: KvRecipe = recipe.parse().unwrap();
+            let mut s = Session::from_compacted(&gpu, &model, &recipe, sens, 8).unwrap();
+            pollster::block_on(s.forward(&gpu, next, Logits::All)).unwrap()
+        };
+        let diff = max_abs_diff(&window_logits("f16+s4+r2"), &window_logits("f16+s4"));
+        assert!(
+            diff < 2e-3,
+            "{}: the window moved the logits by {diff}",
+            gpu.backend_name()
+        );
         // Fitted to turbo4's stored keys: the same keys as plain am (the cache quantizes them),
         // other biases and values, and it runs in a turbo4 cache.
         let stored = &out[3];
