@@ -345,25 +345,29 @@ fn ragged_heads_match_masked_uniform_heads_in_quantized_formats() {
 /// Tokens appended in one step: count, keys, values, queries.
 type Step = (usize, Vec<f32>, Vec<f32>, Vec<f32>);
 
+/// Random keys, values and queries for appends of `ns` tokens each.
+fn random_steps(rng: &mut Rng, ns: &[usize]) -> Vec<Step> {
+    let (d, kvh) = (SHAPE.head_dim, SHAPE.n_kv_heads);
+    ns.iter()
+        .map(|&n| {
+            let k = rng.gauss(n * kvh * d);
+            let v = rng.gauss(n * kvh * d);
+            let q = rng.gauss(n * SHAPE.n_heads * d);
+            (n, k, v, q)
+        })
+        .collect()
+}
+
 /// Per-layer formats (`KvConfig::layer_formats`, a recipe's edge layers): each layer stores,
 /// attends and counts its bytes exactly as a cache of that layer's format does.
 #[test]
 fn per_layer_formats_attend_and_count_as_their_own_format() {
     let d = SHAPE.head_dim;
-    let kvh = SHAPE.n_kv_heads;
     let formats = ["q8_0", "turbo4u", "turbo3/turbo2"];
     for gpu in gpus() {
         let mut rng = Rng::new(21);
         let heads = ragged_heads(&mut rng);
-        let steps: Vec<Step> = [4usize, 1]
-            .iter()
-            .map(|&n| {
-                let k = rng.gauss(n * kvh * d);
-                let v = rng.gauss(n * kvh * d);
-                let q = rng.gauss(n * SHAPE.n_heads * d);
-                (n, k, v, q)
-            })
-            .collect();
+        let steps = random_steps(&mut rng, &[4, 1]);
         let run = |config: KvConfig| {
             let mut cache = KvCache::new(&gpu, config).unwrap();
             load(&gpu, &mut cache, &heads, true);
@@ -414,15 +418,7 @@ fn a_window_after_a_ragged_load_holds_only_the_appended_tokens() {
     for gpu in gpus() {
         let mut rng = Rng::new(44);
         let heads = ragged_heads(&mut rng);
-        let steps: Vec<Step> = [3usize, 1, 5, 1, 2]
-            .iter()
-            .map(|&n| {
-                let k = rng.gauss(n * kvh * d);
-                let v = rng.gauss(n * kvh * d);
-                let q = rng.gauss(n * SHAPE.n_heads * d);
-                (n, k, v, q)
-            })
-            .collect();
+        let steps = random_steps(&mut rng, &[3, 1, 5, 1, 2]);
         let run = |recent: usize| {
             let mut cache = KvCache::new(
                 &gpu,
