@@ -12,21 +12,24 @@ fn fails(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `eval compaction --kv kv` on a text that does not exist: its error.
+fn eval_compaction_kv(kv: &str) -> String {
+    fails(&[
+        "eval",
+        "compaction",
+        "--text",
+        "no-such-file.txt",
+        "--kv",
+        kv,
+    ])
+}
+
 #[test]
 fn compaction_commands_refuse_recipes_a_compacted_cache_cannot_hold() {
+    let refused = "a compacted cache takes sinks, a recent window and edge layers";
     for kv in ["turbo4u+s2+r8+c", "tq4", "turbo3+c"] {
-        let e = fails(&[
-            "eval",
-            "compaction",
-            "--text",
-            "no-such-file.txt",
-            "--kv",
-            kv,
-        ]);
-        assert!(
-            e.contains("a compacted cache takes sinks, a recent window and edge layers"),
-            "{kv}: {e}"
-        );
+        let e = eval_compaction_kv(kv);
+        assert!(e.contains(refused), "{kv}: {e}");
         let e = fails(&[
             "compact",
             "--text",
@@ -38,38 +41,14 @@ fn compaction_commands_refuse_recipes_a_compacted_cache_cannot_hold() {
             "--out",
             "x.kvpack",
         ]);
-        assert!(
-            e.contains("a compacted cache takes sinks, a recent window and edge layers"),
-            "{kv}: {e}"
-        );
+        assert!(e.contains(refused), "{kv}: {e}");
     }
     // Recipes a compacted cache takes get past --kv, to the missing text.
-    let e = fails(&[
-        "eval",
-        "compaction",
-        "--text",
-        "no-such-file.txt",
-        "--kv",
-        "turbo4u+s2+r14",
-    ]);
-    assert!(e.contains("no-such-file.txt"), "{e}");
-    let e = fails(&[
-        "eval",
-        "compaction",
-        "--text",
-        "no-such-file.txt",
-        "--kv",
-        "turbo4u+s2+e1",
-    ]);
-    assert!(e.contains("no-such-file.txt"), "{e}");
-    let e = fails(&[
-        "eval",
-        "compaction",
-        "--text",
-        "x.txt",
-        "--kv",
-        "turbo4u+e1=bogus",
-    ]);
+    for kv in ["turbo4u+s2+r14", "turbo4u+s2+e1"] {
+        let e = eval_compaction_kv(kv);
+        assert!(e.contains("no-such-file.txt"), "{kv}: {e}");
+    }
+    let e = eval_compaction_kv("turbo4u+e1=bogus");
     assert!(e.contains("bogus"), "{e}");
 }
 
