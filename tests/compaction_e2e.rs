@@ -15,13 +15,6 @@ use kvpack::kv::KvRecipe;
 use kvpack::model::llama::{Llama, Logits, Session};
 use kvpack::model::{GgufFile, Tokenizer};
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn compacted_sessions_continue_from_the_context() {
     let file = GgufFile::open(common::model_path()).unwrap();
@@ -72,7 +65,7 @@ fn compacted_sessions_continue_from_the_context() {
             Session::from_compacted(&gpu, &model, &KvRecipe::plain(f32_fmt, 4), &full, 8).unwrap();
         assert_eq!(r.position(), t);
         let got = pollster::block_on(r.forward(&gpu, next, Logits::All)).unwrap();
-        let diff = max_abs_diff(&got, &want);
+        let diff = common::max_abs_diff(&got, &want);
         assert!(
             diff < 2e-3,
             "{}: logits differ by {diff}",
@@ -211,7 +204,7 @@ fn compacted_sessions_continue_from_the_context() {
             let mut s = Session::from_compacted(&gpu, &model, &recipe, sens, 8).unwrap();
             pollster::block_on(s.forward(&gpu, next, Logits::All)).unwrap()
         };
-        let diff = max_abs_diff(&window_logits("f16+s4+r2"), &window_logits("f16+s4"));
+        let diff = common::max_abs_diff(&window_logits("f16+s4+r2"), &window_logits("f16+s4"));
         assert!(
             diff < 2e-3,
             "{}: the window moved the logits by {diff}",

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{gpus, Rng};
+use common::{gpus, max_abs_diff, Rng};
 use kvpack::attention::{
     decode_attention_into, reference_attention, AttentionScratch, AttentionShape,
 };
@@ -160,11 +160,7 @@ fn ragged_heads_attend_to_their_own_tokens() {
                 let bias: Vec<Vec<f32>> = layer.iter().map(|(_, _, b)| b.clone()).collect();
                 let want = reference_attention(SHAPE, &q, n, &keys, &values, Some(&bias));
                 for (r, (g, w)) in out.chunks(d).zip(want.chunks(d)).enumerate() {
-                    let diff = g
-                        .iter()
-                        .zip(w)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0.0f32, f32::max);
+                    let diff = max_abs_diff(g, w);
                     assert!(diff < 1e-4, "{ctx}: layer {l} row {r} differs by {diff}");
                 }
             }
@@ -445,11 +441,7 @@ fn a_window_after_a_ragged_load_holds_only_the_appended_tokens() {
         assert_eq!(windowed_bytes, plain_bytes);
         for (s, (a, b)) in windowed.iter().zip(&plain).enumerate() {
             for (l, (x, y)) in a.iter().zip(b).enumerate() {
-                let diff = x
-                    .iter()
-                    .zip(y)
-                    .map(|(p, q)| (p - q).abs())
-                    .fold(0.0f32, f32::max);
+                let diff = max_abs_diff(x, y);
                 assert!(
                     diff < 1e-4,
                     "{}: step {s} layer {l} differs by {diff}",

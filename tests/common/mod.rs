@@ -72,3 +72,11 @@ pub fn jury_tokens(tok: &kvpack::model::Tokenizer) -> Vec<u32> {
     };
     tok.encode_with(text, opts)
 }
+
+/// The largest absolute difference between two equally long vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
