@@ -66,3 +66,65 @@ fn eval_compaction_reads_every_text_before_any_work() {
     assert!(e.contains("no-such-file.txt"), "{e}");
     assert!(!e.contains("no-such-model"), "{e}");
 }
+
+#[test]
+fn profile_budgets_need_a_readable_profile_of_the_right_shape() {
+    // `compact` and `eval compaction` take the same two flags; each refusal comes before the
+    // model loads (the model path does not exist).
+    let run = |extra: &[&str], compact: bool| -> String {
+        let mut args: Vec<&str> = if compact {
+            vec!["compact", "--ratio", "10", "--out", "x.kvpack"]
+        } else {
+            vec!["eval", "compaction"]
+        };
+        args.extend(["--text", "Cargo.toml", "--model", "no-such-model.gguf"]);
+        args.extend(extra);
+        fails(&args)
+    };
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let bad_sizes = dir.join("profile-bad-sizes.json");
+    std::fs::write(
+        &bad_sizes,
+        r#"{"model_sha256": "00", "method": "am-mix-window", "context": 1024,
+            "continuation": 128, "tokens_per_head": [32, 16], "kl": [[0.1, 0.2]]}"#,
+    )
+    .unwrap();
+    let bad_sizes = bad_sizes.to_str().unwrap();
+    for compact in [false, true] {
+        let e = run(&["--head-budgets", "profile"], compact);
+        assert!(e.contains("needs --layer-profile"), "{e}");
+        let e = run(&["--layer-profile", "p.json"], compact);
+        assert!(e.contains("only with --head-budgets profile"), "{e}");
+        let with = |file: &str| {
+            run(
+                &["--head-budgets", "profile", "--layer-profile", file],
+                compact,
+            )
+        };
+        let e = with("no-such-profile.json");
+        assert!(e.contains("no-such-profile.json"), "{e}");
+        let e = with("Cargo.toml");
+        assert!(e.contains("is not a layer profile"), "{e}");
+        let e = with(bad_sizes);
+        assert!(e.contains("tokens_per_head must ascend"), "{e}");
+        assert!(!e.contains("no-such-model"), "{e}");
+    }
+}
+
+#[test]
+fn eval_layers_refuses_baselines_and_sizes_outside_the_context() {
+    let run = |extra: &[&str]| -> String {
+        let mut args = vec!["eval", "layers", "--text", "no-such-file.txt"];
+        args.extend(extra);
+        fails(&args)
+    };
+    let e = run(&["--method", "h2o"]);
+    assert!(e.contains("Attention Matching"), "{e}");
+    let e = run(&["--tokens-per-head", "0,16"]);
+    assert!(e.contains("at least 1 and below --context"), "{e}");
+    let e = run(&["--context", "64", "--tokens-per-head", "16,64"]);
+    assert!(e.contains("below --context 64"), "{e}");
+    // Good arguments get to the missing text.
+    let e = run(&[]);
+    assert!(e.contains("no-such-file.txt"), "{e}");
+}

@@ -85,6 +85,15 @@ fn compacted_sessions_continue_from_the_context() {
             head_dim: d,
         };
         let budget = t / 2;
+        let layer_sizes: Vec<usize> = (0..c.n_layer)
+            .map(|l| {
+                if l % 2 == 0 {
+                    budget / 2
+                } else {
+                    budget + budget / 2
+                }
+            })
+            .collect();
         let jobs = [
             Job::uniform(Method::Am, budget),
             Job::uniform(Method::Streaming, budget),
@@ -105,6 +114,11 @@ fn compacted_sessions_continue_from_the_context() {
                 }),
                 ..Job::uniform(Method::Am, budget)
             },
+            // Per-layer budgets (a layer profile's allocation): the even layers keep fewer.
+            Job {
+                head_budgets: HeadBudgets::PerLayer(layer_sizes.clone().into()),
+                ..Job::uniform(Method::AmMixWindow, budget)
+            },
         ];
         let (out, timings) = pollster::block_on(compact_context(
             &gpu,
@@ -116,7 +130,25 @@ fn compacted_sessions_continue_from_the_context() {
             &FitOptions::default(),
         ))
         .unwrap();
-        assert_eq!(timings.fit_s.len(), 4);
+        assert_eq!(timings.fit_s.len(), 5);
+        for (l, heads) in out[4].layers.iter().enumerate() {
+            assert!(heads.iter().all(|h| h.len() == layer_sizes[l]), "layer {l}");
+        }
+        // One size per layer, or the job is refused.
+        let short = Job {
+            head_budgets: HeadBudgets::PerLayer(layer_sizes[1..].to_vec().into()),
+            ..Job::uniform(Method::AmMixWindow, budget)
+        };
+        let refused = pollster::block_on(compact_context(
+            &gpu,
+            shape,
+            &cap,
+            Some(&reference),
+            &[short],
+            usize::MAX,
+            &FitOptions::default(),
+        ));
+        assert!(refused.is_err());
         let am = &out[0];
         assert_eq!(am.uniform_len(), Some(budget));
         assert!(am

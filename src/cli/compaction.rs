@@ -8,7 +8,7 @@ use clap::Args;
 use kvpack::codec::KvFormat;
 use kvpack::compact::{
     compact_context, Captured, CompactTimings, CompactedContext, ContextShape, FitFor, FitOptions,
-    HeadBudgets, HeadCompaction, Job, Method, Selection,
+    HeadBudgets, HeadCompaction, Job, LayerProfile, Method, Selection,
 };
 use kvpack::gpu::Gpu;
 use kvpack::kv::KvRecipe;
@@ -37,19 +37,92 @@ pub struct FitArgs {
 /// `--head-budgets`: how Attention Matching shares a job's tokens among heads. `uniform` keeps
 /// the same number in every head; `sensitivity` fits each head at 0.5x, 1x, 2x and 3x the
 /// budget and gives tokens to the heads whose fit error drops most per token, within the same
-/// total (the cache stores heads ragged, so the bytes saved are real).
+/// total; `profile` gives each layer the share that the model's measured loss sensitivity
+/// (`--layer-profile FILE`, from `kvpack eval layers`) sets, within the same total. The cache
+/// stores heads ragged, so the bytes saved are real.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BudgetArg {
     Uniform,
     Sensitivity,
+    Profile,
 }
 
-impl From<BudgetArg> for HeadBudgets {
-    fn from(b: BudgetArg) -> HeadBudgets {
-        match b {
+impl BudgetArg {
+    /// The head budgets of a job of `budget` tokens per head over a `context`: `profile` needs
+    /// the layer profile.
+    fn budgets(
+        self,
+        profile: Option<&LayerProfile>,
+        budget: usize,
+        context: usize,
+    ) -> Result<HeadBudgets> {
+        Ok(match self {
             BudgetArg::Uniform => HeadBudgets::Uniform,
             BudgetArg::Sensitivity => HeadBudgets::Sensitivity,
-        }
+            BudgetArg::Profile => match profile {
+                Some(p) => HeadBudgets::PerLayer(p.allocate(budget, context).into()),
+                None => bail!(
+                    "--head-budgets profile needs --layer-profile FILE (measure one with `kvpack eval layers`)"
+                ),
+            },
+        })
+    }
+}
+
+/// Read a layer profile (`kvpack eval layers --out`) and check its shape, before any GPU work.
+pub fn read_layer_profile(path: &std::path::Path) -> Result<LayerProfile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the layer profile {}", path.display()))?;
+    let p: LayerProfile = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a layer profile (`kvpack eval layers --out FILE` writes one)",
+            path.display()
+        )
+    })?;
+    p.validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(p)
+}
+
+/// Check that the profile read from `path` was measured on the model at `model_path` with
+/// `n_layer` layers.
+fn check_profile_model(
+    p: &LayerProfile,
+    path: &std::path::Path,
+    model_path: &std::path::Path,
+    n_layer: usize,
+) -> Result<()> {
+    if p.n_layer() != n_layer {
+        bail!(
+            "{} profiles {} layers; the model has {n_layer}",
+            path.display(),
+            p.n_layer()
+        );
+    }
+    let sha = kvpack::model::fetch::sha256_file(model_path)
+        .with_context(|| format!("hashing {}", model_path.display()))?;
+    if p.model_sha256 != sha {
+        bail!(
+            "{} was measured on the model with sha256 {}, not on {} ({sha}): measure it again with `kvpack eval layers`",
+            path.display(),
+            p.model_sha256,
+            model_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reject `--layer-profile` without `profile` budgets and the reverse, before any work.
+fn check_profile_args(budgets: &[BudgetArg], profile: Option<&std::path::Path>) -> Result<()> {
+    match (budgets.contains(&BudgetArg::Profile), profile) {
+        (true, None) => bail!(
+            "--head-budgets profile needs --layer-profile FILE (measure one with `kvpack eval layers`)"
+        ),
+        (false, Some(p)) => bail!(
+            "--layer-profile {} is read only with --head-budgets profile",
+            p.display()
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -76,7 +149,7 @@ impl From<SelectionArg> for Selection {
 }
 
 impl FitArgs {
-    fn options(&self) -> FitOptions {
+    pub(super) fn options(&self) -> FitOptions {
         FitOptions {
             recent_fraction: self.recent_fraction,
             window_sinks: self.window_sinks,
@@ -137,10 +210,15 @@ pub struct CompactionArgs {
     sinks: usize,
     #[command(flatten)]
     fit: FitArgs,
-    /// How Attention Matching shares each job's tokens among heads: `uniform`, `sensitivity`,
-    /// or both (`uniform,sensitivity`: a row for each).
+    /// How Attention Matching shares each job's tokens among heads: `uniform`, `sensitivity`
+    /// (by the fit's error), `profile` (by the layers' measured loss sensitivity, from
+    /// --layer-profile), or several (`uniform,profile`: a row for each).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "uniform")]
     head_budgets: Vec<BudgetArg>,
+    /// A layer profile of the model (`kvpack eval layers --out FILE`) for `--head-budgets
+    /// profile`.
+    #[arg(long, value_name = "FILE")]
+    layer_profile: Option<PathBuf>,
     /// How Attention Matching picks its keys: `highest` (HighestAttnKeys), `omp` (orthogonal
     /// matching pursuit on the attention mass), `accumulated` (H2O's heavy hitters), or several
     /// (`highest,omp`: a row for each).
@@ -347,6 +425,12 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     if a.continuation < 2 || a.recall < 2 || a.recall > a.context {
         bail!("--continuation and --recall need at least 2 tokens, and --recall at most --context");
     }
+    check_profile_args(&a.head_budgets, a.layer_profile.as_deref())?;
+    let profile = a
+        .layer_profile
+        .as_deref()
+        .map(read_layer_profile)
+        .transpose()?;
     // Every text read before any work: a missing file fails now, not after an hour.
     let texts: Vec<String> = a
         .text
@@ -358,6 +442,9 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     let c = &loaded.model.config;
     for (_, f) in &formats {
         f.validate_dim(c.head_dim)?;
+    }
+    if let (Some(p), Some(path)) = (&profile, &a.layer_profile) {
+        check_profile_model(p, path, &loaded.path, c.n_layer)?;
     }
     let opts = EncodeOptions {
         parse_special: false,
@@ -378,7 +465,15 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
             );
         }
     }
-    let jobs = eval_jobs(&a, &methods, &formats);
+    let jobs = eval_jobs(&a, &methods, &formats, profile.as_ref())?;
+    for (job, r, _) in &jobs {
+        if let (HeadBudgets::PerLayer(b), false) = (&job.head_budgets, a.json) {
+            eprintln!(
+                "{} {r}x, tokens per head by layer (profile): {b:?}",
+                job.method
+            );
+        }
+    }
     let mut reports = Vec::new();
     for (path, ids) in a.text.iter().zip(&ids) {
         let report = evaluate_text(&gpu, &loaded, &a, &jobs, path, ids)?;
@@ -440,14 +535,15 @@ fn eval_jobs(
     a: &CompactionArgs,
     methods: &[Method],
     formats: &[(String, KvRecipe)],
-) -> Vec<EvalJob> {
+    profile: Option<&LayerProfile>,
+) -> Result<Vec<EvalJob>> {
     let mut jobs = Vec::new();
     for &m in methods {
         for &r in &a.ratios {
             let budget = ((a.context as f64 / r).round() as usize).max(1);
             for &hb in &a.head_budgets {
                 // The baselines keep the same tokens in every head and pick them their own way.
-                if hb == BudgetArg::Sensitivity && !m.is_attention_matching() {
+                if hb != BudgetArg::Uniform && !m.is_attention_matching() {
                     continue;
                 }
                 let selections = if m.is_attention_matching() {
@@ -459,14 +555,18 @@ fn eval_jobs(
                     let job = Job {
                         method: m,
                         budget,
-                        head_budgets: hb.into(),
+                        head_budgets: hb.budgets(profile, budget, a.context)?,
                         selection: sel.into(),
                         fit_for: None,
                     };
                     if a.fit_to_kv && m.is_attention_matching() {
                         for f in formats {
                             let fit_for = Some(FitFor::recipe(&f.1));
-                            jobs.push((Job { fit_for, ..job }, r, vec![f.clone()]));
+                            let job = Job {
+                                fit_for,
+                                ..job.clone()
+                            };
+                            jobs.push((job, r, vec![f.clone()]));
                         }
                     } else {
                         jobs.push((job, r, formats.to_vec()));
@@ -475,7 +575,38 @@ fn eval_jobs(
             }
         }
     }
-    jobs
+    Ok(jobs)
+}
+
+/// The first `n` tokens of `captured` kept as they are, every layer and KV head: the full-context
+/// reference as a [`CompactedContext`].
+pub fn full_context(
+    captured: &Captured,
+    c: &kvpack::model::LlamaConfig,
+    n: usize,
+) -> CompactedContext {
+    let idx: Vec<usize> = (0..n).collect();
+    let layers = (0..c.n_layer)
+        .map(|l| {
+            (0..c.n_head_kv)
+                .map(|h| {
+                    let gather = |x: &[f32]| -> Vec<f32> {
+                        (0..n)
+                            .flat_map(|p| &x[(p * c.n_head_kv + h) * c.head_dim..][..c.head_dim])
+                            .copied()
+                            .collect()
+                    };
+                    let (k, v) = (gather(&captured.k[l]), gather(&captured.v[l]));
+                    HeadCompaction::keep(&k, &v, c.head_dim, &idx)
+                })
+                .collect()
+        })
+        .collect();
+    CompactedContext {
+        context_len: n,
+        head_dim: c.head_dim,
+        layers,
+    }
 }
 
 /// What `eval compaction` measured on one text.
@@ -510,7 +641,7 @@ fn evaluate_text(
     };
     log(&format!("{}:", path.display()));
     let f32_fmt: KvFormat = "f32".parse()?;
-    let job_list: Vec<Job> = jobs.iter().map(|(j, _, _)| *j).collect();
+    let job_list: Vec<Job> = jobs.iter().map(|(j, _, _)| j.clone()).collect();
     let fit = a.fit.options();
     let run = compact_tokens(
         gpu,
@@ -526,33 +657,7 @@ fn evaluate_text(
     let (prefill_s, repeat_s) = (run.prefill_s, run.repeat_s);
 
     // References: the whole context kept, and no context at all.
-    let full = CompactedContext {
-        context_len: a.context,
-        head_dim: c.head_dim,
-        layers: (0..c.n_layer)
-            .map(|l| {
-                (0..c.n_head_kv)
-                    .map(|h| {
-                        let gather = |x: &[f32]| -> Vec<f32> {
-                            (0..a.context)
-                                .flat_map(|p| {
-                                    &x[(p * c.n_head_kv + h) * c.head_dim..][..c.head_dim]
-                                })
-                                .copied()
-                                .collect()
-                        };
-                        let idx: Vec<usize> = (0..a.context).collect();
-                        HeadCompaction::keep(
-                            &gather(&captured.k[l]),
-                            &gather(&captured.v[l]),
-                            c.head_dim,
-                            &idx,
-                        )
-                    })
-                    .collect()
-            })
-            .collect(),
-    };
+    let full = full_context(captured, c, a.context);
     let f32_recipe = KvRecipe::plain(f32_fmt, a.sinks);
     log("measuring: full context");
     let m_full = measure(gpu, model, &f32_recipe, Some(&full), continuation, recall)?;
@@ -562,7 +667,7 @@ fn evaluate_text(
     let gap = |none: f64, full: f64, x: f64| (none - x) / (none - full);
     let mut rows = Vec::new();
     for (j, (job, r, measured)) in jobs.iter().enumerate() {
-        let (job, r) = (*job, *r);
+        let r = *r;
         let (m, budget) = (job.method, job.budget);
         let scores_s = match m {
             m if m.mixes_references() => {
@@ -579,10 +684,7 @@ fn evaluate_text(
             rows.push(Row {
                 key: RowKey {
                     method: m.to_string(),
-                    head_budgets: match job.head_budgets {
-                        HeadBudgets::Uniform => "uniform".into(),
-                        HeadBudgets::Sensitivity => "sensitivity".into(),
-                    },
+                    head_budgets: job.head_budgets.name().into(),
                     selection: if m.is_attention_matching() {
                         job.selection.to_string()
                     } else {
@@ -761,9 +863,14 @@ pub struct CompactArgs {
     method: String,
     #[command(flatten)]
     fit: FitArgs,
-    /// How Attention Matching shares the tokens among heads: uniform or sensitivity.
+    /// How Attention Matching shares the tokens among heads: uniform, sensitivity (by the fit's
+    /// error) or profile (by the layers' measured loss sensitivity, from --layer-profile).
     #[arg(long, value_enum, default_value_t = BudgetArg::Uniform)]
     head_budgets: BudgetArg,
+    /// A layer profile of the model (`kvpack eval layers --out FILE`) for `--head-budgets
+    /// profile`.
+    #[arg(long, value_name = "FILE")]
+    layer_profile: Option<PathBuf>,
     /// How Attention Matching picks its keys: highest (HighestAttnKeys), omp (orthogonal
     /// matching pursuit on the attention mass; slower) or accumulated (H2O's heavy hitters).
     #[arg(long, value_enum, default_value_t = SelectionArg::Highest)]
@@ -792,11 +899,20 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
     if a.ratio.is_nan() || a.ratio < 1.0 {
         bail!("--ratio must be at least 1, got {}", a.ratio);
     }
+    check_profile_args(&[a.head_budgets], a.layer_profile.as_deref())?;
+    let profile = a
+        .layer_profile
+        .as_deref()
+        .map(read_layer_profile)
+        .transpose()?;
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading {}", a.text.display()))?;
     let gpu = gpu_args.open()?;
     let loaded = a.model.load(&gpu, false)?;
     kv.validate_dim(loaded.model.config.head_dim)?;
+    if let (Some(p), Some(path)) = (&profile, &a.layer_profile) {
+        check_profile_model(p, path, &loaded.path, loaded.model.config.n_layer)?;
+    }
     let ids = loaded.tokenizer.encode_with(
         &text,
         EncodeOptions {
@@ -817,7 +933,9 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
         &[Job {
             method,
             budget,
-            head_budgets: a.head_budgets.into(),
+            head_budgets: a
+                .head_budgets
+                .budgets(profile.as_ref(), budget, context.len())?,
             selection: a.selection.into(),
             fit_for: a.fit_to_kv.then_some(FitFor::recipe(&kv)),
         }],

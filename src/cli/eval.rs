@@ -16,6 +16,10 @@ pub enum EvalCommand {
     /// perplexity after the compacted context, the gap to the full context recovered, bytes and
     /// time.
     Compaction(super::compaction::CompactionArgs),
+    /// Each layer's loss sensitivity to compaction: the mean KL divergence from the full
+    /// context's next-token distribution with that layer alone compacted, at several sizes. Its
+    /// `--out` file (a layer profile) shares tokens among layers with `--head-budgets profile`.
+    Layers(super::layers::LayersArgs),
     /// TurboQuant distortion on the GPU: random unit vectors and queries; D_mse, d·D_prod
     /// (inner-product error), inner-product bias and bits per value, beside the paper's values
     /// and the Shannon bound 4^-b; q8_0 and q4_0 as baselines.
@@ -64,6 +68,7 @@ pub fn run(gpu_args: &GpuArgs, cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Ppl(args) => super::ppl::run(gpu_args, args),
         EvalCommand::Compaction(args) => super::compaction::run(gpu_args, args),
+        EvalCommand::Layers(args) => super::layers::run(gpu_args, args),
         EvalCommand::Distortion {
             dim,
             bits,

@@ -5,6 +5,7 @@ mod chat;
 mod compaction;
 mod eval;
 mod generate;
+mod layers;
 mod plot;
 mod ppl;
 

@@ -105,6 +105,16 @@ pub async fn compact_context(
             shape.n_layer
         )));
     }
+    for job in jobs {
+        if let HeadBudgets::PerLayer(b) = &job.head_budgets {
+            if b.len() != shape.n_layer || b.contains(&0) {
+                return Err(CompactError::Invalid(format!(
+                    "per-layer budgets {b:?}: one size ≥ 1 per layer expected, {} layers",
+                    shape.n_layer
+                )));
+            }
+        }
+    }
     let needs_ref = jobs.iter().any(|j| j.method.needs_reference_queries());
     let needs_h2o = jobs.iter().any(|j| j.method.needs_context_queries());
     let needs_mix = jobs.iter().any(|j| j.method.mixes_references());
@@ -225,16 +235,12 @@ pub async fn compact_context(
                 reference_queries: ctx_q.as_deref(),
                 ..inputs
             };
-            for (
-                j,
-                &Job {
-                    method,
-                    budget,
-                    selection,
-                    ..
-                },
-            ) in jobs.iter().enumerate()
-            {
+            for (j, job) in jobs.iter().enumerate() {
+                let (method, selection) = (job.method, job.selection);
+                let budget = match &job.head_budgets {
+                    HeadBudgets::PerLayer(b) if method.is_attention_matching() => b[l],
+                    _ => job.budget,
+                };
                 let stored = key_codecs[j].as_ref().map(|(codec, sinks)| StoredKeys {
                     codec,
                     sinks: *sinks,

@@ -15,12 +15,14 @@
 //! hitters by accumulated attention + recent window), SnapKV (attention from an observation
 //! window at the end of the context, pooled). Compacted keys keep their RoPE positions.
 
+mod budgets;
 mod context;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod file;
 mod fit;
 mod scores;
 
+pub use budgets::LayerProfile;
 pub use context::{compact_context, Captured, CompactTimings, ContextShape};
 
 /// Smallest head a [`HeadBudgets::Sensitivity`] allocation gives: twice the sinks, so a window
@@ -168,7 +170,7 @@ pub const SNAPKV_WINDOW: usize = 32;
 pub const SNAPKV_POOL: usize = 7;
 
 /// How a compaction job's tokens are shared among the heads of every layer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum HeadBudgets {
     /// Every head keeps the job's budget.
     #[default]
@@ -179,6 +181,21 @@ pub enum HeadBudgets {
     /// reproduce give tokens to heads that need more. The cache stores heads ragged, so the
     /// bytes saved are real.
     Sensitivity,
+    /// Attention Matching only: the tokens per head of each layer, in layer order (every head
+    /// of a layer keeps the same number), as [`LayerProfile::allocate`] shares the job's budget
+    /// by the model's measured loss sensitivity. The job's `budget` is their mean.
+    PerLayer(std::sync::Arc<[usize]>),
+}
+
+impl HeadBudgets {
+    /// The name rows and files show: `uniform`, `sensitivity` or `profile`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HeadBudgets::Uniform => "uniform",
+            HeadBudgets::Sensitivity => "sensitivity",
+            HeadBudgets::PerLayer(_) => "profile",
+        }
+    }
 }
 
 /// How Attention Matching picks the original keys it keeps (before fitting β and values).
@@ -300,8 +317,9 @@ impl StoredKeys<'_> {
 }
 
 /// One compaction that [`compact_context`] computes: a method, the tokens each head keeps (on
-/// average, with [`HeadBudgets::Sensitivity`]) and how they are shared among heads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// average, with [`HeadBudgets::Sensitivity`] and [`HeadBudgets::PerLayer`]) and how they are
+/// shared among heads.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
     /// The method.
     pub method: Method,
