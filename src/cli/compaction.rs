@@ -541,11 +541,14 @@ fn eval_jobs(
     for &m in methods {
         for &r in &a.ratios {
             let budget = ((a.context as f64 / r).round() as usize).max(1);
-            for &hb in &a.head_budgets {
-                // The baselines keep the same tokens in every head and pick them their own way.
-                if hb != BudgetArg::Uniform && !m.is_attention_matching() {
-                    continue;
-                }
+            // The baselines keep the same tokens in every head and pick them their own way:
+            // one uniform row each, whatever --head-budgets lists.
+            let budget_args = if m.is_attention_matching() {
+                &a.head_budgets[..]
+            } else {
+                &[BudgetArg::Uniform][..]
+            };
+            for &hb in budget_args {
                 let selections = if m.is_attention_matching() {
                     &a.selection[..]
                 } else {
@@ -1062,5 +1065,68 @@ mod tests {
         assert!((means[1].recall_gap_recovered + 0.05).abs() < 1e-12);
         assert!((means[1].min_recall_gap_recovered + 0.2).abs() < 1e-12);
         assert_eq!(means[1].texts, 2);
+    }
+}
+
+#[cfg(test)]
+mod job_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: CompactionArgs,
+    }
+
+    #[test]
+    fn profile_budgets_apply_to_attention_matching_and_baselines_keep_one_uniform_row() {
+        let cli = Cli::try_parse_from([
+            "t",
+            "--text",
+            "x.txt",
+            "--methods",
+            "am-mix-window,h2o",
+            "--ratios",
+            "10,50",
+            "--head-budgets",
+            "profile",
+            "--layer-profile",
+            "p.json",
+        ])
+        .unwrap();
+        let mut kl = vec![vec![0.01, 0.005, 0.002]; 4];
+        kl[2] = vec![0.1, 0.05, 0.02];
+        let profile = LayerProfile {
+            model_sha256: "x".into(),
+            method: "am-mix-window".into(),
+            context: 1024,
+            continuation: 64,
+            tokens_per_head: vec![16, 32, 64],
+            kl,
+        };
+        let formats = vec![compacted_recipe("f32", 4).unwrap()];
+        let methods = [Method::AmMixWindow, Method::H2o];
+        let jobs = eval_jobs(&cli.a, &methods, &formats, Some(&profile)).unwrap();
+        let shapes: Vec<(Method, usize, &str)> = jobs
+            .iter()
+            .map(|(j, _, _)| (j.method, j.budget, j.head_budgets.name()))
+            .collect();
+        assert_eq!(
+            shapes,
+            vec![
+                (Method::AmMixWindow, 102, "profile"),
+                (Method::AmMixWindow, 20, "profile"),
+                (Method::H2o, 102, "uniform"),
+                (Method::H2o, 20, "uniform"),
+            ]
+        );
+        let HeadBudgets::PerLayer(b) = &jobs[0].0.head_budgets else {
+            unreachable!()
+        };
+        assert_eq!(b.iter().sum::<usize>(), 4 * 102);
+        assert!(b[2] > b[0], "{b:?}");
+        // Without the profile, `profile` budgets are an error, not a silent uniform row.
+        assert!(eval_jobs(&cli.a, &methods, &formats, None).is_err());
     }
 }
