@@ -39,25 +39,23 @@ fn a_measured_layer_profile_shares_the_tokens_of_a_compaction() {
     let text = text.to_str().unwrap();
     let profile_path = dir.join(format!("layers-profile-{}.json", std::process::id()));
     let profile_arg = profile_path.to_str().unwrap();
-    let stdout = kvpack(&[
-        "--backend",
-        &backend,
-        "eval",
-        "layers",
-        "--model",
-        model,
-        "--text",
-        text,
-        "--context",
-        "48",
-        "--continuation",
-        "8",
-        "--tokens-per-head",
-        "8,16",
-        "--out",
-        profile_arg,
-        "--json",
-    ]);
+    // `kvpack --backend B SUBCOMMAND… --model M --text T --context 48 REST…`
+    let on_model = |sub: &[&str], rest: &[&str]| -> String {
+        let common = ["--model", model, "--text", text, "--context", "48"];
+        kvpack(&[&["--backend", backend.as_str()][..], sub, &common, rest].concat())
+    };
+    let stdout = on_model(
+        &["eval", "layers"],
+        &[
+            "--continuation",
+            "8",
+            "--tokens-per-head",
+            "8,16",
+            "--out",
+            profile_arg,
+            "--json",
+        ],
+    );
     let printed: LayerProfile = serde_json::from_str(&stdout).expect("--json prints the profile");
     let written: LayerProfile =
         serde_json::from_str(&std::fs::read_to_string(&profile_path).unwrap()).unwrap();
@@ -76,27 +74,21 @@ fn a_measured_layer_profile_shares_the_tokens_of_a_compaction() {
     // `compact --head-budgets profile`: 48 / 4 = 12 tokens per head on average, per layer as
     // the profile allocates them.
     let out = dir.join(format!("layers-{}.kvpack", std::process::id()));
-    kvpack(&[
-        "--backend",
-        &backend,
-        "compact",
-        "--model",
-        model,
-        "--text",
-        text,
-        "--context",
-        "48",
-        "--ratio",
-        "4",
-        "--method",
-        "am-mix-window",
-        "--head-budgets",
-        "profile",
-        "--layer-profile",
-        profile_arg,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    on_model(
+        &["compact"],
+        &[
+            "--ratio",
+            "4",
+            "--method",
+            "am-mix-window",
+            "--head-budgets",
+            "profile",
+            "--layer-profile",
+            profile_arg,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
     let (_, compacted) = kvpack::compact::file::load(&out, &p.model_sha256).unwrap();
     let want = p.allocate(12, 48);
     assert_eq!(want.iter().sum::<usize>(), 12 * 30);

@@ -57,12 +57,6 @@ pub struct LayersArgs {
     json: bool,
 }
 
-fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
-    row.iter().map(|&x| x as f64 - lse).collect()
-}
-
 /// Per position of `tokens`, the log-probabilities of the next token after `compacted`.
 fn next_token_logprobs(
     gpu: &Gpu,
@@ -74,7 +68,7 @@ fn next_token_logprobs(
     let mut s = Session::from_compacted(gpu, model, recipe, compacted, tokens.len())?;
     let logits = pollster::block_on(s.forward(gpu, tokens, Logits::All))?;
     let v = logits.len() / tokens.len();
-    Ok(logits.chunks(v).map(log_softmax).collect())
+    Ok(logits.chunks(v).map(super::ppl::log_softmax).collect())
 }
 
 /// Mean over rows of KL(p ‖ q), both given as log-probabilities.

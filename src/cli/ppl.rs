@@ -59,7 +59,7 @@ struct Row {
     kv_bytes: u64,
 }
 
-fn log_softmax(row: &[f32]) -> Vec<f64> {
+pub(super) fn log_softmax(row: &[f32]) -> Vec<f64> {
     let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
     row.iter().map(|&x| x as f64 - lse).collect()
