@@ -193,10 +193,8 @@ pub fn run(gpu_args: &GpuArgs, a: LayersArgs) -> Result<()> {
     profile.validate().map_err(anyhow::Error::msg)?;
     if let Some(out) = &a.out {
         let json = serde_json::to_string_pretty(&profile)?;
-        let mut tmp = out.as_os_str().to_owned();
-        tmp.push(format!(".tmp{}", std::process::id()));
-        std::fs::write(&tmp, json).with_context(|| format!("writing {}", out.display()))?;
-        std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+        kvpack::compact::file::write_atomic(out, json.as_bytes())
+            .with_context(|| format!("writing {}", out.display()))?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&profile)?);

@@ -213,25 +213,27 @@ pub fn from_bytes(b: &[u8]) -> Result<(FileHeader, CompactedContext), String> {
     ))
 }
 
-/// Write atomically: a temporary file beside `path`, then a rename.
+/// Write `bytes` to `path` atomically: a temporary file beside it, then a rename, so a crash
+/// never leaves a half-written file under its name (the temporary file is removed if the rename
+/// fails).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Write atomically ([`write_atomic`]).
 pub fn save(path: &Path, header: &FileHeader, c: &CompactedContext) -> Result<(), FileError> {
     let p = path.display().to_string();
     let bytes = to_bytes(header, c).map_err(|why| FileError::Damaged {
         path: p.clone(),
         why,
     })?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = std::path::PathBuf::from(tmp);
-    let io = |source| FileError::Io {
-        path: p.clone(),
-        source,
-    };
-    std::fs::write(&tmp, &bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
+    write_atomic(path, &bytes).map_err(|source| FileError::Io { path: p, source })
 }
 
 /// Read a file and check it was made with the model whose sha256 is `model_sha256` (hex).
