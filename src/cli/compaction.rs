@@ -32,6 +32,11 @@ pub struct FitArgs {
     /// are shrunk toward the kept tokens' own values (large: keep them, fit only β).
     #[arg(long, default_value_t = FitOptions::default().value_ridge, value_parser = parse_ridge)]
     value_ridge: f64,
+    /// am-ctx, am-ctx-window: fit β and the values only on the context's queries at positions
+    /// ≥ this share of the context (0: every position). The keys are still picked from every
+    /// position's attention; early queries see few keys and inflate the β of the keys they see.
+    #[arg(long, default_value_t = FitOptions::default().fit_from, value_parser = parse_fraction)]
+    fit_from: f64,
 }
 
 /// `--head-budgets`: how Attention Matching shares a job's tokens among heads. `uniform` keeps
@@ -154,6 +159,7 @@ impl FitArgs {
             recent_fraction: self.recent_fraction,
             window_sinks: self.window_sinks,
             value_ridge: self.value_ridge,
+            fit_from: self.fit_from,
             ..FitOptions::default()
         }
     }

@@ -254,6 +254,12 @@ pub struct FitOptions {
     /// `am-window`, `am-mix-window`: the first tokens kept exact (attention sinks), at most
     /// half the budget.
     pub window_sinks: usize,
+    /// `am-ctx`, `am-ctx-window`: fit β and the values only on the context's queries at
+    /// positions ≥ this share of the context (0: all of them). The selection still reads every
+    /// row. An early causal query sees few keys, so the kept keys it sees must carry its whole
+    /// mass and their β grow; the queries after the compaction see every kept key, as the late
+    /// context rows do.
+    pub fit_from: f64,
 }
 
 /// The cache a compaction is fitted for ([`Job::fit_for`]): Attention Matching then fits β and
@@ -354,6 +360,7 @@ impl Default for FitOptions {
             value_ridge: 1e-3,
             recent_fraction: 0.25,
             window_sinks: SINK_TOKENS,
+            fit_from: 0.0,
         }
     }
 }
@@ -936,8 +943,21 @@ pub fn compact_head(
                 Selection::Accumulated => select_accumulated(refs, budget, &fixed_idx),
             };
             let fixed: Vec<bool> = idx.iter().map(|j| fixed_idx.contains(j)).collect();
+            // The rows the fit reads: the late context rows only, with `fit_from`.
+            let late;
+            let (fit_refs, first_row) = if method.fits_context_queries() && opts.fit_from > 0.0 {
+                let per = inputs.rows_per_position.max(1);
+                let positions = refs.n_q / per;
+                let first = ((positions as f64 * opts.fit_from.min(1.0)) as usize)
+                    .min(positions.saturating_sub(1))
+                    * per;
+                late = refs.rows_from(first);
+                (&late, first)
+            } else {
+                (refs, 0)
+            };
             let stored = match (stored, inputs.reference_queries) {
-                (Some(sk), Some(q)) if q.len() == refs.n_q * d => Some((q, sk)),
+                (Some(sk), Some(q)) if q.len() == refs.n_q * d => Some((&q[first_row * d..], sk)),
                 (Some(_), _) => {
                     return Err(CompactError::Invalid(format!(
                         "a fit to stored keys needs the {} reference queries of the head",
@@ -947,7 +967,7 @@ pub fn compact_head(
                 _ => None,
             };
             fit_head(
-                refs,
+                fit_refs,
                 inputs.keys,
                 inputs.values,
                 d,

@@ -417,6 +417,60 @@ fn baselines_keep_the_budget_and_their_windows() {
         .fold(0.0f32, f32::max);
     assert!(moved < 1e-4, "values moved by {moved}");
     assert!(am_h2o.values[..10 * d] != h2o.values[..10 * d]);
+    // Fit on the late rows: the same tokens, β and values fitted to the rows of positions
+    // ≥ 60 alone (exactly what fit_head gives on those rows), not to every row.
+    let late_opts = FitOptions {
+        fit_from: 0.6,
+        ..opts_h2o
+    };
+    let late = run(
+        Method::AmCtxWindow,
+        Selection::Accumulated,
+        &fitted_h2o,
+        20,
+        &late_opts,
+    )
+    .unwrap();
+    assert_eq!(late.positions, h2o.positions);
+    let idx: Vec<usize> = late.positions.iter().map(|&p| p as usize).collect();
+    let fixed: Vec<bool> = (0..20).map(|c| c >= 10).collect();
+    let late_rows = ctx.rows_from(60 * g);
+    assert_eq!(
+        (late_rows.n_q, late_rows.y[..d].to_vec()),
+        (40 * g, ctx.y[60 * g * d..][..d].to_vec())
+    );
+    let want = fit_head(
+        &late_rows, &s.keys, &s.values, d, &idx, &fixed, &late_opts, None,
+    );
+    assert_eq!(late.bias, want.bias);
+    assert_eq!(late.values, want.values);
+    assert!(late.bias != am_h2o.bias);
+    // Fitted to keys stored exactly, from the queries themselves: the late rows' queries line
+    // up with the late rows (the same fit, to rounding).
+    let f32_codec = crate::codec::Codec::with_seed("f32".parse().unwrap(), d, 5).unwrap();
+    let exact_store = StoredKeys {
+        codec: &f32_codec,
+        sinks: 0,
+    };
+    let with_q = HeadInputs {
+        reference_queries: Some(&q),
+        ..fitted_h2o
+    };
+    let late_stored = compact_head(
+        Method::AmCtxWindow,
+        Selection::Accumulated,
+        &with_q,
+        20,
+        &late_opts,
+        Some(exact_store),
+    )
+    .unwrap();
+    assert_eq!(late_stored.positions, late.positions);
+    for (a, b) in late_stored.bias.iter().zip(&late.bias) {
+        assert!((a - b).abs() < 1e-3, "β {a} against {b}");
+    }
+    // The late rows' own fit matches them at least as well as the fit to every row does.
+    assert!(fit_error(&late_rows, &late, d) <= fit_error(&late_rows, &am_h2o, d) + 1e-9);
     let snap = run(
         Method::SnapKv,
         Selection::HighestAttention,
