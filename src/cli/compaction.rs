@@ -37,6 +37,11 @@ pub struct FitArgs {
     /// position's attention; early queries see few keys and inflate the β of the keys they see.
     #[arg(long, default_value_t = FitOptions::default().fit_from, value_parser = parse_fraction)]
     fit_from: f64,
+    /// Attention Matching: the largest β a fitted key may take (0 to 10; 10 is the fit's own
+    /// limit). β above it is clamped before the values are fitted: a heavy hitter then cannot
+    /// take all the attention its dropped neighbours had.
+    #[arg(long, default_value_t = FitOptions::default().max_bias, value_parser = parse_max_bias)]
+    max_bias: f64,
 }
 
 /// `--head-budgets`: how Attention Matching shares a job's tokens among heads. `uniform` keeps
@@ -160,6 +165,7 @@ impl FitArgs {
             window_sinks: self.window_sinks,
             value_ridge: self.value_ridge,
             fit_from: self.fit_from,
+            max_bias: self.max_bias,
             ..FitOptions::default()
         }
     }
@@ -1002,6 +1008,17 @@ fn parse_ridge(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `--max-bias`: a number in [0, BIAS_LIMIT].
+fn parse_max_bias(s: &str) -> Result<f64, String> {
+    let x: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    let limit = kvpack::compact::BIAS_LIMIT;
+    if (0.0..=limit).contains(&x) {
+        Ok(x)
+    } else {
+        Err(format!("{x} is not between 0 and {limit}"))
+    }
+}
+
 /// A fraction in [0, 1].
 fn parse_fraction(s: &str) -> Result<f64, String> {
     let x: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
@@ -1134,5 +1151,31 @@ mod job_tests {
         assert!(b[2] > b[0], "{b:?}");
         // Without the profile, `profile` budgets are an error, not a silent uniform row.
         assert!(eval_jobs(&cli.a, &methods, &formats, None).is_err());
+    }
+
+    #[test]
+    fn fit_flags_reach_the_fit_options_and_bad_values_are_refused() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["t", "--text", "x.txt"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        let o = parse(&[]).unwrap().a.fit.options();
+        assert_eq!((o.fit_from, o.max_bias), (0.0, kvpack::compact::BIAS_LIMIT));
+        let o = parse(&["--fit-from", "0.5", "--max-bias", "1"])
+            .unwrap()
+            .a
+            .fit
+            .options();
+        assert_eq!((o.fit_from, o.max_bias), (0.5, 1.0));
+        for (bad, flag) in [
+            ("--fit-from=1.5", "--fit-from"),
+            ("--fit-from=x", "--fit-from"),
+            ("--max-bias=-1", "--max-bias"),
+            ("--max-bias=11", "--max-bias"),
+        ] {
+            let e = parse(&[bad]).err().expect("refused").to_string();
+            assert!(e.contains(flag), "{e}");
+        }
     }
 }

@@ -260,6 +260,10 @@ pub struct FitOptions {
     /// mass and their β grow; the queries after the compaction see every kept key, as the late
     /// context rows do.
     pub fit_from: f64,
+    /// Largest β of a fitted key (at most [`BIAS_LIMIT`]): after the mass fit each w = exp(β)
+    /// is clamped to e^max_bias, and the values are fitted to the clamped weights. A small cap
+    /// keeps a heavy hitter from taking over the attention the dropped keys had.
+    pub max_bias: f64,
 }
 
 /// The cache a compaction is fitted for ([`Job::fit_for`]): Attention Matching then fits β and
@@ -361,6 +365,7 @@ impl Default for FitOptions {
             recent_fraction: 0.25,
             window_sinks: SINK_TOKENS,
             fit_from: 0.0,
+            max_bias: BIAS_LIMIT,
         }
     }
 }
@@ -811,7 +816,7 @@ pub fn fit_head(
     let w0 = (a1.dot(&b) / a1.dot(&a1).max(1e-300)).max(1e-3);
     let mut w = DVector::from_element(free.len(), w0);
     nnls(&a, &b, &mut w, opts.nnls_sweeps, 1e-6);
-    let (lo, hi) = ((-BIAS_LIMIT).exp(), BIAS_LIMIT.exp());
+    let (lo, hi) = ((-BIAS_LIMIT).exp(), opts.max_bias.min(BIAS_LIMIT).exp());
     w.apply(|x| *x = x.clamp(lo, hi));
     let mut w_all = vec![1.0f64; idx.len()];
     for (f, &c) in free.iter().enumerate() {

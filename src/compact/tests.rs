@@ -445,6 +445,32 @@ fn baselines_keep_the_budget_and_their_windows() {
     assert_eq!(late.bias, want.bias);
     assert_eq!(late.values, want.values);
     assert!(late.bias != am_h2o.bias);
+    // β capped: no fitted key above the cap, the largest at it, the values refitted to the
+    // clamped weights.
+    let top = am_h2o.bias.iter().copied().fold(f32::MIN, f32::max);
+    assert!(
+        top > 0.6,
+        "the uncapped fit raises some β above the cap: {top}"
+    );
+    let capped = run(
+        Method::AmCtxWindow,
+        Selection::Accumulated,
+        &fitted_h2o,
+        20,
+        &FitOptions {
+            max_bias: 0.5,
+            ..opts_h2o
+        },
+    )
+    .unwrap();
+    assert_eq!(capped.positions, am_h2o.positions);
+    assert!(
+        capped.bias.iter().all(|&b| b <= 0.5 + 1e-6),
+        "{:?}",
+        capped.bias
+    );
+    assert!(capped.bias.iter().any(|&b| (b - 0.5).abs() < 1e-6));
+    assert!(capped.values[..10 * d] != am_h2o.values[..10 * d]);
     // Fitted to keys stored exactly, from the queries themselves: the late rows' queries line
     // up with the late rows (the same fit, to rounding).
     let f32_codec = crate::codec::Codec::with_seed("f32".parse().unwrap(), d, 5).unwrap();
