@@ -739,10 +739,12 @@ pub fn select_omp(refs: &HeadScores, budget: usize, fixed: &[usize], sweeps: usi
 /// them are `fixed` (kept exact: β = 0, original value), fit β and the values of the others so
 /// the reference queries' attention mass and outputs match the full head's. With `stored`
 /// (the reference queries, `refs.n_q × d`, and how the cache stores keys), the kept keys' scores
-/// are recomputed from the keys as stored, so β and the values compensate their error.
+/// are recomputed from the keys as stored, so β and the values compensate their error. Only
+/// the rows from `first_row` on are fitted ([`FitOptions::fit_from`]; 0: every row).
 #[allow(clippy::too_many_arguments)]
 pub fn fit_head(
     refs: &HeadScores,
+    first_row: usize,
     keys: &[f32],
     values: &[f32],
     d: usize,
@@ -753,7 +755,9 @@ pub fn fit_head(
 ) -> HeadCompaction {
     let mut out = HeadCompaction::keep(keys, values, d, idx);
     let free: Vec<usize> = (0..idx.len()).filter(|&c| !fixed[c]).collect();
-    let rows: Vec<usize> = (0..refs.n_q).filter(|&i| refs.sum[i] > 0.0).collect();
+    let rows: Vec<usize> = (first_row.min(refs.n_q)..refs.n_q)
+        .filter(|&i| refs.sum[i] > 0.0)
+        .collect();
     if free.is_empty() || rows.is_empty() {
         return out;
     }
@@ -949,20 +953,17 @@ pub fn compact_head(
             };
             let fixed: Vec<bool> = idx.iter().map(|j| fixed_idx.contains(j)).collect();
             // The rows the fit reads: the late context rows only, with `fit_from`.
-            let late;
-            let (fit_refs, first_row) = if method.fits_context_queries() && opts.fit_from > 0.0 {
+            let first_row = if method.fits_context_queries() && opts.fit_from > 0.0 {
                 let per = inputs.rows_per_position.max(1);
                 let positions = refs.n_q / per;
-                let first = ((positions as f64 * opts.fit_from.min(1.0)) as usize)
+                ((positions as f64 * opts.fit_from.min(1.0)) as usize)
                     .min(positions.saturating_sub(1))
-                    * per;
-                late = refs.rows_from(first);
-                (&late, first)
+                    * per
             } else {
-                (refs, 0)
+                0
             };
             let stored = match (stored, inputs.reference_queries) {
-                (Some(sk), Some(q)) if q.len() == refs.n_q * d => Some((&q[first_row * d..], sk)),
+                (Some(sk), Some(q)) if q.len() == refs.n_q * d => Some((q, sk)),
                 (Some(_), _) => {
                     return Err(CompactError::Invalid(format!(
                         "a fit to stored keys needs the {} reference queries of the head",
@@ -972,7 +973,8 @@ pub fn compact_head(
                 _ => None,
             };
             fit_head(
-                fit_refs,
+                refs,
+                first_row,
                 inputs.keys,
                 inputs.values,
                 d,

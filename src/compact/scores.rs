@@ -31,20 +31,6 @@ impl HeadScores {
             0.0
         }
     }
-
-    /// Rows `from..n_q` of `self` (same keys).
-    pub fn rows_from(&self, from: usize) -> HeadScores {
-        let from = from.min(self.n_q);
-        let d = self.y.len().checked_div(self.n_q).unwrap_or(0);
-        HeadScores {
-            n_q: self.n_q - from,
-            n_k: self.n_k,
-            e: self.e[from * self.n_k..].to_vec(),
-            max: self.max[from..].to_vec(),
-            sum: self.sum[from..].to_vec(),
-            y: self.y[from * d..].to_vec(),
-        }
-    }
 }
 
 #[repr(C)]

@@ -270,6 +270,7 @@ fn am_with_every_key_kept_is_the_identity() {
     let idx: Vec<usize> = (0..t).collect();
     let got = fit_head(
         &refs,
+        0,
         &s.keys,
         &s.values,
         d,
@@ -434,13 +435,13 @@ fn baselines_keep_the_budget_and_their_windows() {
     assert_eq!(late.positions, h2o.positions);
     let idx: Vec<usize> = late.positions.iter().map(|&p| p as usize).collect();
     let fixed: Vec<bool> = (0..20).map(|c| c >= 10).collect();
-    let late_rows = ctx.rows_from(60 * g);
+    let late_rows = rows_from(&ctx, 60 * g);
     assert_eq!(
         (late_rows.n_q, late_rows.y[..d].to_vec()),
         (40 * g, ctx.y[60 * g * d..][..d].to_vec())
     );
     let want = fit_head(
-        &late_rows, &s.keys, &s.values, d, &idx, &fixed, &late_opts, None,
+        &late_rows, 0, &s.keys, &s.values, d, &idx, &fixed, &late_opts, None,
     );
     assert_eq!(late.bias, want.bias);
     assert_eq!(late.values, want.values);
@@ -727,4 +728,18 @@ fn a_fit_to_stored_keys_beats_a_fit_to_exact_keys_once_they_are_quantized() {
         ..inputs
     };
     assert!(compact_head(Method::Am, sel, &no_q, 40, &opts, Some(sk)).is_err());
+}
+
+/// Rows `from..n_q` of `h`, copied (same keys).
+fn rows_from(h: &HeadScores, from: usize) -> HeadScores {
+    let from = from.min(h.n_q);
+    let d = h.y.len().checked_div(h.n_q).unwrap_or(0);
+    HeadScores {
+        n_q: h.n_q - from,
+        n_k: h.n_k,
+        e: h.e[from * h.n_k..].to_vec(),
+        max: h.max[from..].to_vec(),
+        sum: h.sum[from..].to_vec(),
+        y: h.y[from * d..].to_vec(),
+    }
 }
