@@ -38,6 +38,21 @@ with open("data/kjv.txt", "w", encoding="utf-8") as out:
         out.write(text.strip() + "\n")
 PY
 fi
+# Held-out KJV passages (the text from the first verse of Psalms, and of John, to the end):
+# contexts the KJV settings were not chosen on.
+for pair in "psalms:Blessed is the man that walketh not" "john:In the beginning was the Word"; do
+  name=${pair%%:*}; first=${pair#*:}
+  if [ ! -f "data/kjv-$name.txt" ]; then
+    python3 - "$name" "$first" <<'PY'
+import sys
+name, first = sys.argv[1], sys.argv[2]
+lines = open("data/kjv.txt", encoding="utf-8").read().splitlines(keepends=True)
+start = next(i for i, l in enumerate(lines) if l.startswith(first))
+with open(f"data/kjv-{name}.txt", "w", encoding="utf-8") as f:
+    f.writelines(lines[start:])
+PY
+  fi
+done
 if [ ! -f data/brown-news.txt ]; then
   python3 - <<'PY'
 import glob
@@ -47,4 +62,4 @@ with open("data/brown-news.txt", "w", encoding="utf-8") as f:
 PY
 fi
 rm -rf data/tmp
-echo "data/brown/ (ca01.txt …), data/brown-news.txt and data/kjv.txt ready"
+echo "data/brown/ (ca01.txt …), data/brown-news.txt, data/kjv.txt and data/kjv-{psalms,john}.txt ready"

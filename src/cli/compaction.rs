@@ -140,12 +140,15 @@ fn check_profile_args(budgets: &[BudgetArg], profile: Option<&std::path::Path>) 
 /// highest RMS attention over the reference queries (HighestAttnKeys); `omp` picks them one at a
 /// time by orthogonal matching pursuit on the attention mass, refitting the biases after each
 /// pick (slower; keys that together cover the mass); `accumulated` takes H2O's heavy hitters
-/// (attention summed over the reference queries) and fits them.
+/// (attention summed over the reference queries) and fits them; `observation` takes SnapKV's
+/// (the attention of the last 32 positions' reference rows, max-pooled over 7 neighbouring
+/// keys: whole phrases the end of the context reads; meant for `am-ctx` and `am-ctx-window`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SelectionArg {
     Highest,
     Omp,
     Accumulated,
+    Observation,
 }
 
 impl From<SelectionArg> for Selection {
@@ -154,6 +157,7 @@ impl From<SelectionArg> for Selection {
             SelectionArg::Highest => Selection::HighestAttention,
             SelectionArg::Omp => Selection::Omp,
             SelectionArg::Accumulated => Selection::Accumulated,
+            SelectionArg::Observation => Selection::Observation,
         }
     }
 }
@@ -232,8 +236,9 @@ pub struct CompactionArgs {
     #[arg(long, value_name = "FILE")]
     layer_profile: Option<PathBuf>,
     /// How Attention Matching picks its keys: `highest` (HighestAttnKeys), `omp` (orthogonal
-    /// matching pursuit on the attention mass), `accumulated` (H2O's heavy hitters), or several
-    /// (`highest,omp`: a row for each).
+    /// matching pursuit on the attention mass), `accumulated` (H2O's heavy hitters),
+    /// `observation` (SnapKV's: what the last 32 positions attend to, pooled; for am-ctx and
+    /// am-ctx-window), or several (`highest,omp`: a row for each).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "highest")]
     selection: Vec<SelectionArg>,
     /// Attention Matching fits β and the values to the keys as each --kv format stores them
@@ -887,7 +892,9 @@ pub struct CompactArgs {
     #[arg(long, value_name = "FILE")]
     layer_profile: Option<PathBuf>,
     /// How Attention Matching picks its keys: highest (HighestAttnKeys), omp (orthogonal
-    /// matching pursuit on the attention mass; slower) or accumulated (H2O's heavy hitters).
+    /// matching pursuit on the attention mass; slower), accumulated (H2O's heavy hitters) or
+    /// observation (SnapKV's: what the last 32 positions attend to, pooled; for am-ctx and
+    /// am-ctx-window).
     #[arg(long, value_enum, default_value_t = SelectionArg::Highest)]
     selection: SelectionArg,
     /// Attention Matching fits β and the values to the keys as --kv stores them (quantized;

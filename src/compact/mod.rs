@@ -213,6 +213,12 @@ pub enum Selection {
     /// probability summed over the rows ([`select_accumulated`]). It favours keys many rows
     /// attend to over keys a few rows attend to strongly.
     Accumulated,
+    /// SnapKV's criterion on the method's reference queries: the attention of the last
+    /// [`SNAPKV_WINDOW`] positions' rows, summed and max-pooled over [`SNAPKV_POOL`]
+    /// neighbouring keys ([`select_observation`]). It keeps the phrases the end of the context
+    /// reads, whole. Meant for `am-ctx` and `am-ctx-window`, whose reference rows are the
+    /// context's own queries in position order.
+    Observation,
 }
 
 impl std::str::FromStr for Selection {
@@ -222,8 +228,9 @@ impl std::str::FromStr for Selection {
             "highest" | "highest-attention" => Ok(Selection::HighestAttention),
             "omp" => Ok(Selection::Omp),
             "accumulated" => Ok(Selection::Accumulated),
+            "observation" => Ok(Selection::Observation),
             other => Err(CompactError::Invalid(format!(
-                "unknown key selection {other:?}: use highest, omp or accumulated"
+                "unknown key selection {other:?}: use highest, omp, accumulated or observation"
             ))),
         }
     }
@@ -235,6 +242,7 @@ impl std::fmt::Display for Selection {
             Selection::HighestAttention => "highest",
             Selection::Omp => "omp",
             Selection::Accumulated => "accumulated",
+            Selection::Observation => "observation",
         })
     }
 }
@@ -567,22 +575,45 @@ pub fn select_snapkv(ctx: &HeadScores, obs_rows: usize, budget: usize) -> Vec<us
     let budget = budget.min(n_k);
     let window = SNAPKV_WINDOW.min(budget).min(n_k);
     let prefix = n_k - window;
+    let pooled = observation_scores(ctx, obs_rows, prefix);
+    let picked = top_n(&pooled, 0..prefix, budget - window);
+    sorted(picked.into_iter().chain(prefix..n_k).collect())
+}
+
+/// SnapKV's score of the keys before `prefix`: the attention of the last `obs_rows` rows of
+/// `refs`, summed, then max-pooled over [`SNAPKV_POOL`] neighbouring keys (keys at and after
+/// `prefix` score 0 and do not pool into the ones before).
+fn observation_scores(refs: &HeadScores, obs_rows: usize, prefix: usize) -> Vec<f64> {
+    let n_k = refs.n_k;
+    let prefix = prefix.min(n_k);
     let mut acc = vec![0f64; n_k];
-    for i in ctx.n_q.saturating_sub(obs_rows)..ctx.n_q {
+    for i in refs.n_q.saturating_sub(obs_rows)..refs.n_q {
         for (j, a) in acc.iter_mut().enumerate().take(prefix) {
-            *a += ctx.prob(i, j) as f64;
+            *a += refs.prob(i, j) as f64;
         }
     }
     let half = SNAPKV_POOL / 2;
-    let pooled: Vec<f64> = (0..n_k)
+    (0..n_k)
         .map(|j| {
             let lo = j.saturating_sub(half);
             let hi = (j + half + 1).min(prefix.max(lo + 1));
             acc[lo..hi].iter().cloned().fold(0.0, f64::max)
         })
-        .collect();
-    let picked = top_n(&pooled, 0..prefix, budget - window);
-    sorted(picked.into_iter().chain(prefix..n_k).collect())
+        .collect()
+}
+
+/// SnapKV's criterion for Attention Matching: the keys before the last [`SNAPKV_WINDOW`]
+/// positions of highest pooled attention from the last `obs_rows` rows of `refs`
+/// ([`observation_scores`]), `budget` in all, always including `fixed`. With the last
+/// [`SNAPKV_WINDOW`] positions fixed these are [`select_snapkv`]'s tokens.
+pub fn select_observation(
+    refs: &HeadScores,
+    obs_rows: usize,
+    budget: usize,
+    fixed: &[usize],
+) -> Vec<usize> {
+    let prefix = refs.n_k.saturating_sub(SNAPKV_WINDOW);
+    select_top(&observation_scores(refs, obs_rows, prefix), budget, fixed)
 }
 
 /// Per key, the mean square of its attention probability over the rows of `refs`.
@@ -950,6 +981,10 @@ pub fn compact_head(
                 Selection::HighestAttention => select_highest_attention(refs, budget, &fixed_idx),
                 Selection::Omp => select_omp(refs, budget, &fixed_idx, opts.nnls_sweeps),
                 Selection::Accumulated => select_accumulated(refs, budget, &fixed_idx),
+                Selection::Observation => {
+                    let obs = SNAPKV_WINDOW * inputs.rows_per_position.max(1);
+                    select_observation(refs, obs, budget, &fixed_idx)
+                }
             };
             let fixed: Vec<bool> = idx.iter().map(|j| fixed_idx.contains(j)).collect();
             // The rows the fit reads: the late context rows only, with `fit_from`.
