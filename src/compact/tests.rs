@@ -472,41 +472,6 @@ fn baselines_keep_the_budget_and_their_windows() {
     );
     assert!(capped.bias.iter().any(|&b| (b - 0.5).abs() < 1e-6));
     assert!(capped.values[..10 * d] != am_h2o.values[..10 * d]);
-    // SnapKV's tokens, fitted: the observation selection with the last SNAPKV_WINDOW
-    // positions exact and no sinks keeps exactly SnapKV's tokens, and fits the others.
-    let snap = run(
-        Method::SnapKv,
-        Selection::HighestAttention,
-        &inputs,
-        40,
-        &opts,
-    )
-    .unwrap();
-    let opts_snap = FitOptions {
-        recent_fraction: SNAPKV_WINDOW as f64 / 40.0,
-        window_sinks: 0,
-        ..FitOptions::default()
-    };
-    let am_snap = run(
-        Method::AmCtxWindow,
-        Selection::Observation,
-        &fitted_h2o,
-        40,
-        &opts_snap,
-    )
-    .unwrap();
-    assert_eq!(am_snap.positions, snap.positions);
-    let acc40 = run(
-        Method::AmCtxWindow,
-        Selection::Accumulated,
-        &fitted_h2o,
-        40,
-        &opts_snap,
-    )
-    .unwrap();
-    assert!(acc40.positions != snap.positions);
-    assert!(am_snap.bias[..8].iter().any(|&b| b != 0.0));
-    assert_eq!(am_snap.values[8 * d..], snap.values[8 * d..]);
     // Fitted to keys stored exactly, from the queries themselves: the late rows' queries line
     // up with the late rows (the same fit, to rounding).
     let f32_codec = crate::codec::Codec::with_seed("f32".parse().unwrap(), d, 5).unwrap();
@@ -543,6 +508,19 @@ fn baselines_keep_the_budget_and_their_windows() {
     .unwrap();
     assert_eq!(snap.len(), 40);
     assert!((68..100).all(|p| snap.positions.contains(&p)));
+    // SnapKV's tokens, fitted: the observation selection with the last SNAPKV_WINDOW
+    // positions exact and no sinks keeps exactly SnapKV's tokens, and fits the others.
+    let opts_snap = FitOptions {
+        recent_fraction: SNAPKV_WINDOW as f64 / 40.0,
+        window_sinks: 0,
+        ..FitOptions::default()
+    };
+    let fitted40 = |sel| run(Method::AmCtxWindow, sel, &fitted_h2o, 40, &opts_snap).unwrap();
+    let am_snap = fitted40(Selection::Observation);
+    assert_eq!(am_snap.positions, snap.positions);
+    assert!(fitted40(Selection::Accumulated).positions != snap.positions);
+    assert!(am_snap.bias[..8].iter().any(|&b| b != 0.0));
+    assert_eq!(am_snap.values[8 * d..], snap.values[8 * d..]);
     for h in [&st, &h2o, &snap] {
         assert!(h.bias.iter().all(|&b| b == 0.0));
         assert!(h.positions.windows(2).all(|w| w[0] < w[1]));
