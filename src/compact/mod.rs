@@ -954,13 +954,16 @@ pub fn compact_head(
     let budget = budget.clamp(1, n_k.max(1));
     let need = |s, what| scores_for(s, n_k, method, what);
     let keep = |idx: Vec<usize>| HeadCompaction::keep(inputs.keys, inputs.values, d, &idx);
+    // SnapKV's observation window: its positions' query rows (all heads sharing the KV head).
+    let obs_rows = SNAPKV_WINDOW * inputs.rows_per_position.max(1);
     Ok(match method {
         Method::Streaming => keep(select_streaming(n_k, budget)),
         Method::H2o => keep(select_h2o(need(inputs.context, "context")?, budget)),
-        Method::SnapKv => {
-            let obs = SNAPKV_WINDOW * inputs.rows_per_position.max(1);
-            keep(select_snapkv(need(inputs.context, "context")?, obs, budget))
-        }
+        Method::SnapKv => keep(select_snapkv(
+            need(inputs.context, "context")?,
+            obs_rows,
+            budget,
+        )),
         Method::Am
         | Method::AmWindow
         | Method::AmMix
@@ -981,10 +984,7 @@ pub fn compact_head(
                 Selection::HighestAttention => select_highest_attention(refs, budget, &fixed_idx),
                 Selection::Omp => select_omp(refs, budget, &fixed_idx, opts.nnls_sweeps),
                 Selection::Accumulated => select_accumulated(refs, budget, &fixed_idx),
-                Selection::Observation => {
-                    let obs = SNAPKV_WINDOW * inputs.rows_per_position.max(1);
-                    select_observation(refs, obs, budget, &fixed_idx)
-                }
+                Selection::Observation => select_observation(refs, obs_rows, budget, &fixed_idx),
             };
             let fixed: Vec<bool> = idx.iter().map(|j| fixed_idx.contains(j)).collect();
             // The rows the fit reads: the late context rows only, with `fit_from`.

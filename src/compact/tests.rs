@@ -386,14 +386,17 @@ fn baselines_keep_the_budget_and_their_windows() {
         window_sinks: 0,
         ..FitOptions::default()
     };
-    let am_h2o = run(
-        Method::AmCtxWindow,
-        Selection::Accumulated,
-        &fitted_h2o,
-        20,
-        &opts_h2o,
-    )
-    .unwrap();
+    let fitted20 = |o: &FitOptions| {
+        run(
+            Method::AmCtxWindow,
+            Selection::Accumulated,
+            &fitted_h2o,
+            20,
+            o,
+        )
+        .unwrap()
+    };
+    let am_h2o = fitted20(&opts_h2o);
     assert_eq!(am_h2o.positions, h2o.positions);
     assert!(am_h2o.bias[..10].iter().any(|&b| b != 0.0));
     assert!(am_h2o.bias[10..].iter().all(|&b| b == 0.0));
@@ -403,14 +406,7 @@ fn baselines_keep_the_budget_and_their_windows() {
         value_ridge: 1e9,
         ..opts_h2o
     };
-    let beta_only = run(
-        Method::AmCtxWindow,
-        Selection::Accumulated,
-        &fitted_h2o,
-        20,
-        &beta_opts,
-    )
-    .unwrap();
+    let beta_only = fitted20(&beta_opts);
     assert_eq!(beta_only.positions, h2o.positions);
     assert_eq!(beta_only.bias, am_h2o.bias);
     let moved = (beta_only.values.iter().zip(&h2o.values))
@@ -424,14 +420,7 @@ fn baselines_keep_the_budget_and_their_windows() {
         fit_from: 0.6,
         ..opts_h2o
     };
-    let late = run(
-        Method::AmCtxWindow,
-        Selection::Accumulated,
-        &fitted_h2o,
-        20,
-        &late_opts,
-    )
-    .unwrap();
+    let late = fitted20(&late_opts);
     assert_eq!(late.positions, h2o.positions);
     let idx: Vec<usize> = late.positions.iter().map(|&p| p as usize).collect();
     let fixed: Vec<bool> = (0..20).map(|c| c >= 10).collect();
@@ -453,17 +442,10 @@ fn baselines_keep_the_budget_and_their_windows() {
         top > 0.6,
         "the uncapped fit raises some β above the cap: {top}"
     );
-    let capped = run(
-        Method::AmCtxWindow,
-        Selection::Accumulated,
-        &fitted_h2o,
-        20,
-        &FitOptions {
-            max_bias: 0.5,
-            ..opts_h2o
-        },
-    )
-    .unwrap();
+    let capped = fitted20(&FitOptions {
+        max_bias: 0.5,
+        ..opts_h2o
+    });
     assert_eq!(capped.positions, am_h2o.positions);
     assert!(
         capped.bias.iter().all(|&b| b <= 0.5 + 1e-6),
