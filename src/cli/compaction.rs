@@ -18,20 +18,32 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// The fit's knobs that both `compact` and `eval compaction` take.
+/// The fit's knobs that both `compact` and `eval compaction` take. Each unset knob takes the
+/// preset's value ([`Preset`]), or the plain default without `--preset`.
 #[derive(Args)]
 pub struct FitArgs {
-    /// am-window, am-mix-window: the share of each head's budget kept as an exact recent window.
-    #[arg(long, default_value_t = FitOptions::default().recent_fraction, value_parser = parse_fraction)]
-    recent_fraction: f64,
-    /// am-window, am-mix-window: the first N tokens kept exact as attention sinks (at most half
-    /// the budget; the others compete for the budget like any token).
-    #[arg(long, default_value_t = FitOptions::default().window_sinks)]
-    window_sinks: usize,
+    /// A named setting of Attention Matching's options (see `--help`). `recommended`: the
+    /// setting that beats H2O, SnapKV and StreamingLLM on both measures in 20 of 24 measured
+    /// cells (docs/compaction.md): method am-ctx-window, 1 exact sink, 0.6 of each head's budget
+    /// as an exact recent window, heavy hitters by accumulated attention, β capped at 1, values
+    /// shrunk with ridge 10, per-layer budgets from the shipped SmolLM2 profile (uniform for
+    /// other models). Options given explicitly override the preset's.
+    #[arg(long, value_enum, verbatim_doc_comment)]
+    preset: Option<Preset>,
+    /// am-window, am-mix-window, am-ctx-window: the share of each head's budget kept as an exact
+    /// recent window [default: 0.25; recommended: 0.6].
+    #[arg(long, value_parser = parse_fraction)]
+    recent_fraction: Option<f64>,
+    /// am-window, am-mix-window, am-ctx-window: the first N tokens kept exact as attention sinks
+    /// (at most half the budget; the others compete for the budget like any token) [default: 4;
+    /// recommended: 1].
+    #[arg(long)]
+    window_sinks: Option<usize>,
     /// Ridge of the value fit, relative to the mean diagonal of its normal matrix; the values
-    /// are shrunk toward the kept tokens' own values (large: keep them, fit only β).
-    #[arg(long, default_value_t = FitOptions::default().value_ridge, value_parser = parse_ridge)]
-    value_ridge: f64,
+    /// are shrunk toward the kept tokens' own values (large: keep them, fit only β) [default:
+    /// 0.001; recommended: 10].
+    #[arg(long, value_parser = parse_ridge)]
+    value_ridge: Option<f64>,
     /// am-ctx, am-ctx-window: fit β and the values only on the context's queries at positions
     /// ≥ this share of the context (0: every position). The keys are still picked from every
     /// position's attention; early queries see few keys and inflate the β of the keys they see.
@@ -39,10 +51,28 @@ pub struct FitArgs {
     fit_from: f64,
     /// Attention Matching: the largest β a fitted key may take (0 to 10; 10 is the fit's own
     /// limit). β above it is clamped before the values are fitted: a heavy hitter then cannot
-    /// take all the attention its dropped neighbours had.
-    #[arg(long, default_value_t = FitOptions::default().max_bias, value_parser = parse_max_bias)]
-    max_bias: f64,
+    /// take all the attention its dropped neighbours had [default: 10; recommended: 1].
+    #[arg(long, value_parser = parse_max_bias)]
+    max_bias: Option<f64>,
 }
+
+/// `--preset`: named settings of the compaction commands' options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// am-ctx-window, accumulated selection, 1 sink, recent share 0.6, β ≤ 1, ridge 10,
+    /// profile budgets (the shipped SmolLM2 profile; uniform for other models).
+    Recommended,
+}
+
+/// The layer profile `--preset recommended` uses for the default model (`kvpack eval layers`
+/// on Brown ca04, `profiles/`).
+const SHIPPED_PROFILE: &str =
+    include_str!("../../profiles/smollm2-135m-instruct.am-mix-window.json");
+
+/// The recommended preset's method, key selection and budgets.
+const PRESET_METHOD: &str = "am-ctx-window";
+const PRESET_METHODS: &str = "am-ctx-window,h2o,snapkv,streaming";
+const PRESET_SELECTION: SelectionArg = SelectionArg::Accumulated;
 
 /// `--head-budgets`: how Attention Matching shares a job's tokens among heads. `uniform` keeps
 /// the same number in every head; `sensitivity` fits each head at 0.5x, 1x, 2x and 3x the
@@ -163,14 +193,97 @@ impl From<SelectionArg> for Selection {
 }
 
 impl FitArgs {
+    /// The fit's options: those given, then the preset's, then the defaults.
     pub(super) fn options(&self) -> FitOptions {
+        let base = match self.preset {
+            Some(Preset::Recommended) => FitOptions {
+                recent_fraction: 0.6,
+                window_sinks: 1,
+                value_ridge: 10.0,
+                max_bias: 1.0,
+                ..FitOptions::default()
+            },
+            None => FitOptions::default(),
+        };
         FitOptions {
-            recent_fraction: self.recent_fraction,
-            window_sinks: self.window_sinks,
-            value_ridge: self.value_ridge,
+            recent_fraction: self.recent_fraction.unwrap_or(base.recent_fraction),
+            window_sinks: self.window_sinks.unwrap_or(base.window_sinks),
+            value_ridge: self.value_ridge.unwrap_or(base.value_ridge),
             fit_from: self.fit_from,
-            max_bias: self.max_bias,
-            ..FitOptions::default()
+            max_bias: self.max_bias.unwrap_or(base.max_bias),
+            ..base
+        }
+    }
+
+    fn recommended(&self) -> bool {
+        self.preset == Some(Preset::Recommended)
+    }
+}
+
+/// Where the head budgets' layer profile comes from.
+enum ProfileSource {
+    /// `--layer-profile FILE`: a wrong model is an error.
+    File(PathBuf),
+    /// The shipped profile, for `--preset recommended`: with another model the budgets fall
+    /// back to uniform.
+    Shipped,
+}
+
+/// The layer profile to read (before any GPU work) for `budgets`: `--layer-profile`, or the
+/// shipped one when the preset asks for profile budgets. A profile without profile budgets, or
+/// profile budgets without a profile, is refused.
+fn profile_for(
+    budgets: &[BudgetArg],
+    path: Option<&std::path::Path>,
+    preset_budgets: bool,
+) -> Result<Option<(LayerProfile, ProfileSource)>> {
+    if let Some(p) = path {
+        check_profile_args(budgets, Some(p))?;
+        return Ok(Some((
+            read_layer_profile(p)?,
+            ProfileSource::File(p.into()),
+        )));
+    }
+    if preset_budgets {
+        let p: LayerProfile =
+            serde_json::from_str(SHIPPED_PROFILE).context("the shipped layer profile")?;
+        p.validate()
+            .map_err(|e| anyhow::anyhow!("the shipped layer profile: {e}"))?;
+        return Ok(Some((p, ProfileSource::Shipped)));
+    }
+    check_profile_args(budgets, None)?;
+    Ok(None)
+}
+
+/// Check the profile against the loaded model. A `--layer-profile` for another model is an
+/// error; the shipped profile for another model is dropped (uniform budgets), with a note.
+fn checked_profile(
+    profile: Option<(LayerProfile, ProfileSource)>,
+    model_path: &std::path::Path,
+    n_layer: usize,
+    quiet: bool,
+) -> Result<Option<LayerProfile>> {
+    match profile {
+        None => Ok(None),
+        Some((p, ProfileSource::File(path))) => {
+            check_profile_model(&p, &path, model_path, n_layer)?;
+            Ok(Some(p))
+        }
+        Some((p, ProfileSource::Shipped)) => {
+            match check_profile_model(
+                &p,
+                std::path::Path::new("the shipped profile"),
+                model_path,
+                n_layer,
+            ) {
+                Ok(()) => Ok(Some(p)),
+                Err(e) => {
+                    if !quiet {
+                        eprintln!("--preset recommended: uniform head budgets ({e})");
+                    }
+                    Ok(None)
+                }
+            }
         }
     }
 }
@@ -205,13 +318,10 @@ pub struct CompactionArgs {
     #[arg(long, value_delimiter = ',', default_value = "5,10,20,50")]
     ratios: Vec<f64>,
     /// Methods: am, am-window, am-mix, am-mix-window, am-ctx, am-ctx-window, h2o, snapkv,
-    /// streaming.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "am,am-mix,h2o,snapkv,streaming"
-    )]
-    methods: Vec<String>,
+    /// streaming [default: am,am-mix,h2o,snapkv,streaming; recommended:
+    /// am-ctx-window,h2o,snapkv,streaming].
+    #[arg(long, value_delimiter = ',')]
+    methods: Option<Vec<String>>,
     /// KV formats the compacted cache is stored in: formats (with --sinks) or recipes with sinks,
     /// a window and edge layers, such as `turbo4u+s2+r14+e1` (2 f16 sinks, the 14 tokens before
     /// each new one in f16, the first and last layer in q8_0); not centered keys. The window
@@ -228,9 +338,10 @@ pub struct CompactionArgs {
     fit: FitArgs,
     /// How Attention Matching shares each job's tokens among heads: `uniform`, `sensitivity`
     /// (by the fit's error), `profile` (by the layers' measured loss sensitivity, from
-    /// --layer-profile), or several (`uniform,profile`: a row for each).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "uniform")]
-    head_budgets: Vec<BudgetArg>,
+    /// --layer-profile), or several (`uniform,profile`: a row for each) [default: uniform;
+    /// recommended: profile].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    head_budgets: Option<Vec<BudgetArg>>,
     /// A layer profile of the model (`kvpack eval layers --out FILE`) for `--head-budgets
     /// profile`.
     #[arg(long, value_name = "FILE")]
@@ -238,9 +349,10 @@ pub struct CompactionArgs {
     /// How Attention Matching picks its keys: `highest` (HighestAttnKeys), `omp` (orthogonal
     /// matching pursuit on the attention mass), `accumulated` (H2O's heavy hitters),
     /// `observation` (SnapKV's: what the last 32 positions attend to, pooled; for am-ctx and
-    /// am-ctx-window), or several (`highest,omp`: a row for each).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "highest")]
-    selection: Vec<SelectionArg>,
+    /// am-ctx-window), or several (`highest,omp`: a row for each) [default: highest;
+    /// recommended: accumulated].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    selection: Option<Vec<SelectionArg>>,
     /// Attention Matching fits β and the values to the keys as each --kv format stores them
     /// (quantized, sinks in f16), so they absorb part of the keys' quantization error: one
     /// compaction per format, each measured in its own format.
@@ -426,12 +538,42 @@ fn measure(
 /// (label, recipe) per format).
 type EvalJob = (Job, f64, Vec<(String, KvRecipe)>);
 
+impl CompactionArgs {
+    /// --methods, or the preset's, or the default list.
+    fn methods(&self) -> Result<Vec<Method>> {
+        let names: Vec<String> = match (&self.methods, self.fit.recommended()) {
+            (Some(m), _) => m.clone(),
+            (None, true) => PRESET_METHODS.split(',').map(String::from).collect(),
+            (None, false) => "am,am-mix,h2o,snapkv,streaming"
+                .split(',')
+                .map(String::from)
+                .collect(),
+        };
+        Ok(names.iter().map(|s| s.parse()).collect::<Result<_, _>>()?)
+    }
+
+    /// --head-budgets, or the preset's (profile; uniform when `have_profile` is false: the
+    /// shipped profile is for another model), or uniform.
+    fn head_budgets(&self, have_profile: bool) -> Vec<BudgetArg> {
+        match (&self.head_budgets, self.fit.recommended()) {
+            (Some(b), _) => b.clone(),
+            (None, true) if have_profile => vec![BudgetArg::Profile],
+            _ => vec![BudgetArg::Uniform],
+        }
+    }
+
+    /// --selection, or the preset's, or highest.
+    fn selections(&self) -> Vec<SelectionArg> {
+        match (&self.selection, self.fit.recommended()) {
+            (Some(s), _) => s.clone(),
+            (None, true) => vec![PRESET_SELECTION],
+            (None, false) => vec![SelectionArg::Highest],
+        }
+    }
+}
+
 pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
-    let methods: Vec<Method> = a
-        .methods
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_, _>>()?;
+    let methods = a.methods()?;
     let formats: Vec<(String, KvRecipe)> =
         a.kv.iter()
             .map(|s| compacted_recipe(s, a.sinks))
@@ -442,12 +584,12 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     if a.continuation < 2 || a.recall < 2 || a.recall > a.context {
         bail!("--continuation and --recall need at least 2 tokens, and --recall at most --context");
     }
-    check_profile_args(&a.head_budgets, a.layer_profile.as_deref())?;
-    let profile = a
-        .layer_profile
-        .as_deref()
-        .map(read_layer_profile)
-        .transpose()?;
+    let wants_profile = a.head_budgets(true).contains(&BudgetArg::Profile);
+    let profile = profile_for(
+        &a.head_budgets(true),
+        a.layer_profile.as_deref(),
+        a.fit.recommended() && wants_profile,
+    )?;
     // Every text read before any work: a missing file fails now, not after an hour.
     let texts: Vec<String> = a
         .text
@@ -460,9 +602,7 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     for (_, f) in &formats {
         f.validate_dim(c.head_dim)?;
     }
-    if let (Some(p), Some(path)) = (&profile, &a.layer_profile) {
-        check_profile_model(p, path, &loaded.path, c.n_layer)?;
-    }
+    let profile = checked_profile(profile, &loaded.path, c.n_layer, a.json)?;
     let opts = EncodeOptions {
         parse_special: false,
         add_special: true,
@@ -555,19 +695,21 @@ fn eval_jobs(
     profile: Option<&LayerProfile>,
 ) -> Result<Vec<EvalJob>> {
     let mut jobs = Vec::new();
+    let head_budgets = a.head_budgets(profile.is_some());
+    let selections = a.selections();
     for &m in methods {
         for &r in &a.ratios {
             let budget = ((a.context as f64 / r).round() as usize).max(1);
             // The baselines keep the same tokens in every head and pick them their own way:
             // one uniform row each, whatever --head-budgets lists.
             let budget_args = if m.is_attention_matching() {
-                &a.head_budgets[..]
+                &head_budgets[..]
             } else {
                 &[BudgetArg::Uniform][..]
             };
             for &hb in budget_args {
                 let selections = if m.is_attention_matching() {
-                    &a.selection[..]
+                    &selections[..]
                 } else {
                     &[SelectionArg::Highest][..]
                 };
@@ -878,15 +1020,16 @@ pub struct CompactArgs {
     #[arg(long)]
     ratio: f64,
     /// Method: am, am-window, am-mix, am-mix-window, am-ctx, am-ctx-window, h2o, snapkv,
-    /// streaming.
-    #[arg(long, default_value = "am")]
-    method: String,
+    /// streaming [default: am; recommended: am-ctx-window].
+    #[arg(long)]
+    method: Option<String>,
     #[command(flatten)]
     fit: FitArgs,
     /// How Attention Matching shares the tokens among heads: uniform, sensitivity (by the fit's
-    /// error) or profile (by the layers' measured loss sensitivity, from --layer-profile).
-    #[arg(long, value_enum, default_value_t = BudgetArg::Uniform)]
-    head_budgets: BudgetArg,
+    /// error) or profile (by the layers' measured loss sensitivity, from --layer-profile)
+    /// [default: uniform; recommended: profile].
+    #[arg(long, value_enum)]
+    head_budgets: Option<BudgetArg>,
     /// A layer profile of the model (`kvpack eval layers --out FILE`) for `--head-budgets
     /// profile`.
     #[arg(long, value_name = "FILE")]
@@ -894,9 +1037,9 @@ pub struct CompactArgs {
     /// How Attention Matching picks its keys: highest (HighestAttnKeys), omp (orthogonal
     /// matching pursuit on the attention mass; slower), accumulated (H2O's heavy hitters) or
     /// observation (SnapKV's: what the last 32 positions attend to, pooled; for am-ctx and
-    /// am-ctx-window).
-    #[arg(long, value_enum, default_value_t = SelectionArg::Highest)]
-    selection: SelectionArg,
+    /// am-ctx-window) [default: highest; recommended: accumulated].
+    #[arg(long, value_enum)]
+    selection: Option<SelectionArg>,
     /// Attention Matching fits β and the values to the keys as --kv stores them (quantized;
     /// the first 4 tokens in f16, as `generate --cache` loads them by default).
     #[arg(long)]
@@ -916,25 +1059,37 @@ pub struct CompactArgs {
 
 /// `kvpack compact`: compact a text's context and save it as a `.kvpack` file.
 pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
-    let method: Method = a.method.parse()?;
+    let recommended = a.fit.recommended();
+    let method: Method = match &a.method {
+        Some(m) => m.parse()?,
+        None if recommended => PRESET_METHOD.parse()?,
+        None => Method::Am,
+    };
+    let head_budgets = |have_profile: bool| match a.head_budgets {
+        Some(b) => b,
+        None if recommended && have_profile => BudgetArg::Profile,
+        None => BudgetArg::Uniform,
+    };
+    let selection = a.selection.unwrap_or(if recommended {
+        PRESET_SELECTION
+    } else {
+        SelectionArg::Highest
+    });
     let (kv_label, kv) = compacted_recipe(&a.kv, 4)?;
     if a.ratio.is_nan() || a.ratio < 1.0 {
         bail!("--ratio must be at least 1, got {}", a.ratio);
     }
-    check_profile_args(&[a.head_budgets], a.layer_profile.as_deref())?;
-    let profile = a
-        .layer_profile
-        .as_deref()
-        .map(read_layer_profile)
-        .transpose()?;
+    let profile = profile_for(
+        &[head_budgets(true)],
+        a.layer_profile.as_deref(),
+        recommended && head_budgets(true) == BudgetArg::Profile,
+    )?;
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading {}", a.text.display()))?;
     let gpu = gpu_args.open()?;
     let loaded = a.model.load(&gpu, false)?;
     kv.validate_dim(loaded.model.config.head_dim)?;
-    if let (Some(p), Some(path)) = (&profile, &a.layer_profile) {
-        check_profile_model(p, path, &loaded.path, loaded.model.config.n_layer)?;
-    }
+    let profile = checked_profile(profile, &loaded.path, loaded.model.config.n_layer, false)?;
     let ids = loaded.tokenizer.encode_with(
         &text,
         EncodeOptions {
@@ -955,10 +1110,12 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
         &[Job {
             method,
             budget,
-            head_budgets: a
-                .head_budgets
-                .budgets(profile.as_ref(), budget, context.len())?,
-            selection: a.selection.into(),
+            head_budgets: head_budgets(profile.is_some()).budgets(
+                profile.as_ref(),
+                budget,
+                context.len(),
+            )?,
+            selection: selection.into(),
             fit_for: a.fit_to_kv.then_some(FitFor::recipe(&kv)),
         }],
         a.reference_positions,
@@ -1184,5 +1341,75 @@ mod job_tests {
             let e = parse(&[bad]).err().expect("refused").to_string();
             assert!(e.contains(flag), "{e}");
         }
+    }
+
+    #[test]
+    fn the_recommended_preset_sets_unset_options_and_explicit_ones_win() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["t", "--text", "x.txt", "--preset", "recommended"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).unwrap().a
+        };
+        let a = parse(&[]);
+        let o = a.fit.options();
+        assert_eq!(
+            (o.recent_fraction, o.window_sinks, o.value_ridge, o.max_bias),
+            (0.6, 1, 10.0, 1.0)
+        );
+        assert_eq!(
+            a.methods().unwrap(),
+            [
+                Method::AmCtxWindow,
+                Method::H2o,
+                Method::SnapKv,
+                Method::Streaming
+            ]
+        );
+        assert_eq!(a.selections(), [SelectionArg::Accumulated]);
+        assert_eq!(a.head_budgets(true), [BudgetArg::Profile]);
+        // The shipped profile is for another model: uniform budgets, not an error.
+        assert_eq!(a.head_budgets(false), [BudgetArg::Uniform]);
+        // The shipped profile parses, is valid and is what the preset reads.
+        let Some((shipped, ProfileSource::Shipped)) =
+            profile_for(&a.head_budgets(true), None, true).unwrap()
+        else {
+            panic!("the preset reads the shipped profile")
+        };
+        assert_eq!(shipped.n_layer(), 30);
+        let formats = vec![compacted_recipe("f32", 4).unwrap()];
+        let jobs = eval_jobs(&a, &a.methods().unwrap(), &formats, Some(&shipped)).unwrap();
+        assert_eq!(jobs[0].0.head_budgets.name(), "profile");
+        assert_eq!(jobs[0].0.selection, Selection::Accumulated);
+        // Explicit options override the preset's.
+        let a = parse(&[
+            "--recent-fraction",
+            "0.5",
+            "--value-ridge",
+            "1",
+            "--methods",
+            "am-mix-window",
+            "--selection",
+            "highest",
+            "--head-budgets",
+            "uniform",
+        ]);
+        let o = a.fit.options();
+        assert_eq!(
+            (o.recent_fraction, o.window_sinks, o.value_ridge, o.max_bias),
+            (0.5, 1, 1.0, 1.0)
+        );
+        assert_eq!(a.methods().unwrap(), [Method::AmMixWindow]);
+        assert_eq!(a.selections(), [SelectionArg::Highest]);
+        assert_eq!(a.head_budgets(true), [BudgetArg::Uniform]);
+        // Without the preset, the plain defaults.
+        let a = Cli::try_parse_from(["t", "--text", "x.txt"]).unwrap().a;
+        let (o, d) = (a.fit.options(), FitOptions::default());
+        assert_eq!(
+            (o.recent_fraction, o.window_sinks, o.value_ridge, o.max_bias),
+            (d.recent_fraction, d.window_sinks, d.value_ridge, d.max_bias)
+        );
+        assert_eq!(a.selections(), [SelectionArg::Highest]);
+        assert_eq!(a.head_budgets(true), [BudgetArg::Uniform]);
+        assert!(Cli::try_parse_from(["t", "--text", "x.txt", "--preset", "best"]).is_err());
     }
 }
