@@ -98,3 +98,81 @@ fn a_measured_layer_profile_shares_the_tokens_of_a_compaction() {
     std::fs::remove_file(&out).unwrap();
     std::fs::remove_file(&profile_path).unwrap();
 }
+
+#[test]
+fn the_recommended_preset_compacts_with_the_shipped_profile_and_generate_continues() {
+    let backends = std::env::var("KVPACK_TEST_BACKENDS").unwrap_or_else(|_| "vulkan,gl".into());
+    let backend = backends.split(',').next().unwrap().trim().to_string();
+    let model = common::model_path();
+    let model = model.to_str().unwrap();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let text = dir.join("preset-jury.txt");
+    std::fs::write(&text, format!("{JURY}\n\n{JURY}\n")).unwrap();
+    let out = dir.join(format!("preset-{}.kvpack", std::process::id()));
+    let out_arg = out.to_str().unwrap();
+    let b = ["--backend", backend.as_str()];
+    kvpack(
+        &[
+            &b[..],
+            &[
+                "compact",
+                "--model",
+                model,
+                "--text",
+                text.to_str().unwrap(),
+            ],
+            &["--context", "96", "--ratio", "4", "--preset", "recommended"],
+            &["--out", out_arg],
+        ]
+        .concat(),
+    );
+    // The shipped profile shares 96 / 4 = 24 tokens per head among the layers; one exact sink
+    // and the recent 0.6 of each head's budget end every head.
+    let shipped: LayerProfile = serde_json::from_str(include_str!(
+        "../profiles/smollm2-135m-instruct.am-mix-window.json"
+    ))
+    .unwrap();
+    let sha = kvpack::model::fetch::sha256_file(std::path::Path::new(model)).unwrap();
+    assert_eq!(
+        shipped.model_sha256, sha,
+        "the shipped profile is the default model's"
+    );
+    let (header, compacted) = kvpack::compact::file::load(&out, &sha).unwrap();
+    assert_eq!(header.method, "am-ctx-window");
+    let want = shipped.allocate(24, 96);
+    assert!(
+        want.iter().any(|&n| n != want[0]),
+        "profile budgets differ by layer: {want:?}"
+    );
+    for (l, heads) in compacted.layers.iter().enumerate() {
+        for h in heads {
+            assert_eq!(h.len(), want[l], "layer {l}");
+            let recent = ((want[l] as f64 * 0.6) as usize).min(want[l] - 1);
+            assert_eq!(h.positions[0], 0, "layer {l}: the sink");
+            let tail: Vec<u32> = (96 - recent as u32..96).collect();
+            assert_eq!(h.positions[want[l] - recent..], tail[..], "layer {l}");
+        }
+    }
+    // `generate --cache` continues after it and reports against the whole context's f16 cache.
+    let j: serde_json::Value = serde_json::from_str(&kvpack(
+        &[
+            &b[..],
+            &["generate", "--model", model, "--cache", out_arg],
+            &["--prompt", " The jury", "--max-tokens", "3", "--json"],
+        ]
+        .concat(),
+    ))
+    .unwrap();
+    assert_eq!(j["context_tokens"], 96);
+    let (kv_bytes, f16_full) = (
+        j["kv_bytes"].as_u64().unwrap(),
+        j["kv_bytes_f16_full"].as_u64().unwrap(),
+    );
+    // 96 context tokens plus the prompt and the generated tokens in the cache, f16, every head.
+    let new = f16_full / (2 * 2 * 64 * 3 * 30) - 96;
+    assert_eq!(f16_full % (2 * 2 * 64 * 3 * 30), 0);
+    assert!((3..=6).contains(&new), "{new} new tokens");
+    assert!(f16_full > j["kv_bytes_f16"].as_u64().unwrap(), "{j}");
+    assert!(kv_bytes > 0);
+    std::fs::remove_file(&out).unwrap();
+}

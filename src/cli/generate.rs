@@ -143,6 +143,8 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             a.context
         );
     }
+    // With --cache: the compacted context's original tokens and its longest head.
+    let mut compacted_from: Option<(usize, usize)> = None;
     let mut session = match &a.cache {
         Some(path) => {
             let sha = kvpack::model::fetch::sha256_file(&loaded.path)
@@ -150,6 +152,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             let (header, compacted) = kvpack::compact::file::load(path, &sha)?;
             kv = KvRecipe::parse_with(&header.kv, a.sinks, a.recent)?;
             kv.validate_dim(model.config.head_dim)?;
+            compacted_from = Some((compacted.context_len, compacted.max_len()));
             Session::from_compacted(&gpu, model, &kv, &compacted, a.context)?
         }
         None => Session::new(&gpu, model, &kv, a.context)?,
@@ -178,8 +181,16 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
     ))?;
     let cache = session.cache();
     let (prefill_tok_s, decode_tok_s) = (g.prefill_tok_s(), g.decode_tok_s());
+    // A compacted context against the f16 cache of its whole original context plus the new
+    // tokens: what the compaction saves.
+    let full = compacted_from.map(|(context_len, kept)| {
+        let c = &model.config;
+        let tokens = context_len + cache.len().saturating_sub(kept);
+        let bytes = (2 * 2 * c.head_dim * c.n_head_kv * c.n_layer * tokens) as u64;
+        (context_len, tokens, bytes)
+    });
     if a.json {
-        let j = serde_json::json!({
+        let mut j = serde_json::json!({
             "text": g.text, "tokens": g.ids, "kv": kv.to_string(),
             "kv_bytes": cache.bytes(), "kv_bytes_f16": cache.bytes_f16(),
             "weights_gpu_bytes": model.weights_gpu_bytes(),
@@ -188,6 +199,10 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s,
             "backend": gpu.backend_name(), "model": loaded.name,
         });
+        if let Some((context_len, _, bytes)) = full {
+            j["context_tokens"] = context_len.into();
+            j["kv_bytes_f16_full"] = bytes.into();
+        }
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         println!();
@@ -206,6 +221,12 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             cache.bytes(), cache.len(), cache.bits_per_value(), cache.bytes_f16(),
             cache.bytes_f16() as f64 / cache.bytes().max(1) as f64
         );
+        if let Some((context_len, tokens, bytes)) = full {
+            eprintln!(
+                "compacted:       {context_len} context tokens; the f16 cache of all {tokens} tokens needs {bytes} bytes (that / this = {:.2}x)",
+                bytes as f64 / cache.bytes().max(1) as f64
+            );
+        }
         eprintln!("speed:           prefill {prefill_tok_s:.1} tok/s ({} tokens), decode {decode_tok_s:.2} tok/s ({} tokens)",
             prompt_ids.len(), g.ids.len());
     }
