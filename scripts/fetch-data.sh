@@ -38,9 +38,10 @@ with open("data/kjv.txt", "w", encoding="utf-8") as out:
         out.write(text.strip() + "\n")
 PY
 fi
-# Held-out KJV passages (the text from the first verse of Psalms, and of John, to the end):
+# Held-out KJV passages (the text from the first verse of Psalms, of John and of Isaiah, to the end):
 # contexts the KJV settings were not chosen on.
-for pair in "psalms:Blessed is the man that walketh not" "john:In the beginning was the Word"; do
+for pair in "psalms:Blessed is the man that walketh not" "john:In the beginning was the Word" \
+            "isaiah:The vision of Isaiah the son of Amoz"; do
   name=${pair%%:*}; first=${pair#*:}
   if [ ! -f "data/kjv-$name.txt" ]; then
     python3 - "$name" "$first" <<'PY'
@@ -62,4 +63,4 @@ with open("data/brown-news.txt", "w", encoding="utf-8") as f:
 PY
 fi
 rm -rf data/tmp
-echo "data/brown/ (ca01.txt …), data/brown-news.txt, data/kjv.txt and data/kjv-{psalms,john}.txt ready"
+echo "data/brown/ (ca01.txt …), data/brown-news.txt, data/kjv.txt and data/kjv-{psalms,john,isaiah}.txt ready"

@@ -127,7 +127,7 @@ fn the_recommended_preset_compacts_with_the_shipped_profile_and_generate_continu
         .concat(),
     );
     // The shipped profile shares 96 / 4 = 24 tokens per head among the layers; one exact sink
-    // and the recent 0.6 of each head's budget end every head.
+    // and the recent 0.7 of each head's budget end every head.
     let shipped: LayerProfile = serde_json::from_str(include_str!(
         "../profiles/smollm2-135m-instruct.am-mix-window.json"
     ))
@@ -147,7 +147,7 @@ fn the_recommended_preset_compacts_with_the_shipped_profile_and_generate_continu
     for (l, heads) in compacted.layers.iter().enumerate() {
         for h in heads {
             assert_eq!(h.len(), want[l], "layer {l}");
-            let recent = ((want[l] as f64 * 0.6) as usize).min(want[l] - 1);
+            let recent = ((want[l] as f64 * 0.7) as usize).min(want[l] - 1);
             assert_eq!(h.positions[0], 0, "layer {l}: the sink");
             let tail: Vec<u32> = (96 - recent as u32..96).collect();
             assert_eq!(h.positions[want[l] - recent..], tail[..], "layer {l}");
