@@ -27,16 +27,22 @@ fn kvpack(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
-#[test]
-fn a_measured_layer_profile_shares_the_tokens_of_a_compaction() {
+/// The first backend of `KVPACK_TEST_BACKENDS`, the model's path, the tests' temporary folder
+/// and a text file `{name}-jury.txt` in it (the jury paragraph twice).
+fn setup(name: &str) -> (String, String, &'static std::path::Path, String) {
     let backends = std::env::var("KVPACK_TEST_BACKENDS").unwrap_or_else(|_| "vulkan,gl".into());
     let backend = backends.split(',').next().unwrap().trim().to_string();
-    let model = common::model_path();
-    let model = model.to_str().unwrap();
+    let model = common::model_path().to_str().unwrap().to_string();
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let text = dir.join("layers-jury.txt");
+    let text = dir.join(format!("{name}-jury.txt"));
     std::fs::write(&text, format!("{JURY}\n\n{JURY}\n")).unwrap();
-    let text = text.to_str().unwrap();
+    (backend, model, dir, text.to_str().unwrap().to_string())
+}
+
+#[test]
+fn a_measured_layer_profile_shares_the_tokens_of_a_compaction() {
+    let (backend, model, dir, text) = setup("layers");
+    let (model, text) = (model.as_str(), text.as_str());
     let profile_path = dir.join(format!("layers-profile-{}.json", std::process::id()));
     let profile_arg = profile_path.to_str().unwrap();
     // `kvpack --backend B SUBCOMMAND… --model M --text T --context 48 REST…`
@@ -101,26 +107,15 @@ fn a_measured_layer_profile_shares_the_tokens_of_a_compaction() {
 
 #[test]
 fn the_recommended_preset_compacts_with_the_shipped_profile_and_generate_continues() {
-    let backends = std::env::var("KVPACK_TEST_BACKENDS").unwrap_or_else(|_| "vulkan,gl".into());
-    let backend = backends.split(',').next().unwrap().trim().to_string();
-    let model = common::model_path();
-    let model = model.to_str().unwrap();
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let text = dir.join("preset-jury.txt");
-    std::fs::write(&text, format!("{JURY}\n\n{JURY}\n")).unwrap();
+    let (backend, model, dir, text) = setup("preset");
+    let (model, text) = (model.as_str(), text.as_str());
     let out = dir.join(format!("preset-{}.kvpack", std::process::id()));
     let out_arg = out.to_str().unwrap();
     let b = ["--backend", backend.as_str()];
     kvpack(
         &[
             &b[..],
-            &[
-                "compact",
-                "--model",
-                model,
-                "--text",
-                text.to_str().unwrap(),
-            ],
+            &["compact", "--model", model, "--text", text],
             &["--context", "96", "--ratio", "4", "--preset", "recommended"],
             &["--out", out_arg],
         ]
