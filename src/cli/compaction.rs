@@ -584,11 +584,11 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
     if a.continuation < 2 || a.recall < 2 || a.recall > a.context {
         bail!("--continuation and --recall need at least 2 tokens, and --recall at most --context");
     }
-    let wants_profile = a.head_budgets(true).contains(&BudgetArg::Profile);
+    let requested = a.head_budgets(true);
     let profile = profile_for(
-        &a.head_budgets(true),
+        &requested,
         a.layer_profile.as_deref(),
-        a.fit.recommended() && wants_profile,
+        a.fit.recommended() && requested.contains(&BudgetArg::Profile),
     )?;
     // Every text read before any work: a missing file fails now, not after an hour.
     let texts: Vec<String> = a
@@ -825,7 +825,7 @@ fn evaluate_text(
     let m_full = measure(gpu, model, &f32_recipe, Some(&full), continuation, recall)?;
     log("measuring: no context");
     let m_none = measure(gpu, model, &f32_recipe, None, continuation, recall)?;
-    let kv_bytes_f16_full = (2 * c.n_layer * c.n_head_kv * a.context * c.head_dim * 2) as u64;
+    let kv_bytes_f16_full = c.kv_bytes_f16(a.context);
     let gap = |none: f64, full: f64, x: f64| (none - x) / (none - full);
     let mut rows = Vec::new();
     for (j, (job, r, measured)) in jobs.iter().enumerate() {
@@ -1079,10 +1079,11 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
     if a.ratio.is_nan() || a.ratio < 1.0 {
         bail!("--ratio must be at least 1, got {}", a.ratio);
     }
+    let requested = head_budgets(true);
     let profile = profile_for(
-        &[head_budgets(true)],
+        &[requested],
         a.layer_profile.as_deref(),
-        recommended && head_budgets(true) == BudgetArg::Profile,
+        recommended && requested == BudgetArg::Profile,
     )?;
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading {}", a.text.display()))?;

@@ -184,10 +184,8 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
     // A compacted context against the f16 cache of its whole original context plus the new
     // tokens: what the compaction saves.
     let full = compacted_from.map(|(context_len, kept)| {
-        let c = &model.config;
         let tokens = context_len + cache.len().saturating_sub(kept);
-        let bytes = (2 * 2 * c.head_dim * c.n_head_kv * c.n_layer * tokens) as u64;
-        (context_len, tokens, bytes)
+        (context_len, tokens, model.config.kv_bytes_f16(tokens))
     });
     if a.json {
         let mut j = serde_json::json!({

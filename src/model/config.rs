@@ -140,6 +140,12 @@ impl LlamaConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_head_kv * self.head_dim
     }
+
+    /// Bytes of an f16 KV cache holding `tokens` tokens: keys and values of every layer and KV
+    /// head, 2 bytes each.
+    pub fn kv_bytes_f16(&self, tokens: usize) -> u64 {
+        (2 * self.n_layer * self.kv_dim() * tokens * 2) as u64
+    }
 }
 
 #[cfg(test)]
@@ -187,6 +193,8 @@ mod tests {
             }
         );
         assert_eq!((c.n_gqa(), c.kv_dim()), (3, 192));
+        // 1,024 tokens: the 23,592,960 bytes the compaction benchmarks compare with.
+        assert_eq!(c.kv_bytes_f16(1024), 23_592_960);
     }
 
     #[test]
