@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const status = $("status");
 let engine = null;
 let wasm = null;
+let cache = null; // the loaded .kvpack file's summary (JSON from engine.load_cache), or null
 
 function setState(state, message, isError = false) {
   document.body.dataset.state = state;
@@ -18,11 +19,11 @@ function setState(state, message, isError = false) {
 
 const mb = (b) => (b / 1e6).toFixed(b < 1e6 ? 3 : 1) + " MB";
 
-function showMemory(kvBytes, f16Bytes, label) {
+function showMemory(kvBytes, f16Bytes, label, f16Label = "f16 KV cache") {
   const max = Math.max(f16Bytes, kvBytes, 1);
   $("bar-f16").style.width = (100 * f16Bytes / max).toFixed(1) + "%";
   $("bar-kv").style.width = (100 * kvBytes / max).toFixed(1) + "%";
-  $("bar-f16-label").textContent = `f16 KV cache: ${mb(f16Bytes)}`;
+  $("bar-f16-label").textContent = `${f16Label}: ${mb(f16Bytes)}`;
   $("bar-kv-label").textContent = `${label}: ${mb(kvBytes)} (${(f16Bytes / Math.max(kvBytes, 1)).toFixed(2)}x smaller)`;
   $("kvbytes").textContent = `${kvBytes.toLocaleString()} bytes vs ${f16Bytes.toLocaleString()} in f16`;
 }
@@ -88,6 +89,7 @@ async function loadBytes(bytes, name) {
   checkGguf(bytes, name);
   setState("loading", `Uploading ${name} to the GPU…`);
   if (engine) { engine.free(); engine = null; }
+  forgetCache();
   const bar = $("load-progress");
   // Let the page paint before the upload.
   await new Promise((r) => setTimeout(r, 0));
@@ -101,6 +103,7 @@ async function loadBytes(bytes, name) {
   $("weights").textContent = `${mb(info.weights_gpu_bytes)} kept in their GGUF blocks (the file is ${mb(info.file_bytes)})`;
   $("adapter").textContent = `${info.adapter || "WebGPU adapter"} (${info.backend}, ${info.device_type})`;
   $("generate").disabled = false;
+  $("cache-file").disabled = false;
   setState("ready", `Loaded ${name}. Write a prompt and press Generate.`);
   updateEstimate();
 }
@@ -126,8 +129,33 @@ async function loadFromFile(file) {
   }
 }
 
+// A .kvpack file: the engine checks it (damaged, another model) and keeps it for the next
+// generations, which continue after the compacted context.
+async function loadCache(file) {
+  try {
+    cache = JSON.parse(engine.load_cache(new Uint8Array(await file.arrayBuffer()), file.name));
+    $("cache-info").textContent = `${cache.name}: ${cache.context_tokens} context tokens compacted to at most ` +
+      `${cache.longest_head} per KV head (${cache.method}), stored as ${cache.kv}; the prompt continues after it.`;
+    $("cache-clear").disabled = false;
+    $("kv").disabled = true;
+    setState("ready", `Loaded ${file.name}. The prompt continues after its context.`);
+  } catch (e) {
+    forgetCache();
+    setState("error", "Could not load the compacted context: " + (e.message || e), true);
+  }
+}
+
+function forgetCache() {
+  if (engine) engine.clear_cache();
+  cache = null;
+  $("cache-info").textContent = "None: generation starts from an empty cache.";
+  $("cache-clear").disabled = true;
+  $("cache-file").value = "";
+  $("kv").disabled = false;
+}
+
 function updateEstimate() {
-  if (!engine) return;
+  if (!engine || cache) return;
   const tokens = Number($("max-tokens").value) + 16;
   try {
     const e = JSON.parse(engine.kv_estimate($("kv").value, tokens));
@@ -145,21 +173,27 @@ async function generate() {
   p.textContent = $("prompt").value;
   out.append(p);
   const kv = $("kv").value;
-  const opts = { kv, max_tokens: Number($("max-tokens").value), chat: $("chat").checked, temperature: 0, sinks: 4, context: 1024 };
+  const opts = { kv, max_tokens: Number($("max-tokens").value), chat: $("chat").checked, temperature: 0, sinks: 4, context: 1024, cache: cache !== null };
   const promptTokens = engine.count_tokens($("prompt").value, opts.chat);
   $("generate").disabled = true;
   $("stop").disabled = false;
-  setState("generating", `Generating with a ${kv} KV cache…`);
+  setState("generating", cache ? `Generating after ${cache.name}…` : `Generating with a ${kv} KV cache…`);
   let n = 0;
   try {
     const report = JSON.parse(await engine.generate($("prompt").value, JSON.stringify(opts), (piece) => {
       out.append(piece);
       n += 1;
+      if (cache) return;
       const e = JSON.parse(engine.kv_estimate(kv, promptTokens + n));
       showMemory(e.kv_bytes, e.kv_bytes_f16, `${kv} KV cache (live estimate)`);
     }));
     $("report").textContent = JSON.stringify(report);
-    showMemory(report.kv_bytes, report.kv_bytes_f16, `${report.kv} KV cache, ${report.bits_per_value.toFixed(2)} bits/value`);
+    if (report.kv_bytes_f16_full !== undefined) {
+      showMemory(report.kv_bytes, report.kv_bytes_f16_full, `compacted ${report.kv} KV cache`,
+        `f16 KV cache of all ${report.context_tokens} context tokens and the new ones`);
+    } else {
+      showMemory(report.kv_bytes, report.kv_bytes_f16, `${report.kv} KV cache, ${report.bits_per_value.toFixed(2)} bits/value`);
+    }
     $("speed").textContent = `prefill ${report.prefill_tok_s.toFixed(2)} tok/s (${report.prompt_tokens} tokens), decode ${report.decode_tok_s.toFixed(2)} tok/s (${report.tokens.length} tokens)`;
     setState("done", report.stopped ? "Stopped." : "Done.");
   } catch (e) {
@@ -175,5 +209,7 @@ $("model-file").addEventListener("change", (ev) => { const f = ev.target.files[0
 $("generate").addEventListener("click", generate);
 $("stop").addEventListener("click", () => engine && engine.stop());
 $("kv").addEventListener("change", updateEstimate);
+$("cache-file").addEventListener("change", (ev) => { const f = ev.target.files[0]; if (f) loadCache(f); });
+$("cache-clear").addEventListener("click", () => { forgetCache(); updateEstimate(); setState("ready", "Forgot the compacted context."); });
 $("max-tokens").addEventListener("change", updateEstimate);
 start();

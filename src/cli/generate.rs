@@ -143,8 +143,8 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             a.context
         );
     }
-    // With --cache: the compacted context's original tokens and its longest head.
-    let mut compacted_from: Option<(usize, usize)> = None;
+    // With --cache: the compacted context (to report what it saves).
+    let mut compacted_from: Option<kvpack::compact::CompactedContext> = None;
     let mut session = match &a.cache {
         Some(path) => {
             let sha = kvpack::model::fetch::sha256_file(&loaded.path)
@@ -152,8 +152,9 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             let (header, compacted) = kvpack::compact::file::load(path, &sha)?;
             kv = KvRecipe::parse_with(&header.kv, a.sinks, a.recent)?;
             kv.validate_dim(model.config.head_dim)?;
-            compacted_from = Some((compacted.context_len, compacted.max_len()));
-            Session::from_compacted(&gpu, model, &kv, &compacted, a.context)?
+            let session = Session::from_compacted(&gpu, model, &kv, &compacted, a.context)?;
+            compacted_from = Some(compacted);
+            session
         }
         None => Session::new(&gpu, model, &kv, a.context)?,
     };
@@ -183,9 +184,9 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
     let (prefill_tok_s, decode_tok_s) = (g.prefill_tok_s(), g.decode_tok_s());
     // A compacted context against the f16 cache of its whole original context plus the new
     // tokens: what the compaction saves.
-    let full = compacted_from.map(|(context_len, kept)| {
-        let tokens = context_len + cache.len().saturating_sub(kept);
-        (context_len, tokens, model.config.kv_bytes_f16(tokens))
+    let full = compacted_from.map(|c| {
+        let tokens = c.uncompacted_tokens(cache.len());
+        (c.context_len, tokens, model.config.kv_bytes_f16(tokens))
     });
     if a.json {
         let mut j = serde_json::json!({

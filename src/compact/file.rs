@@ -14,6 +14,7 @@
 
 use super::{CompactedContext, HeadCompaction};
 use sha2::{Digest, Sha256};
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"KVPACK\r\n";
@@ -216,6 +217,7 @@ pub fn from_bytes(b: &[u8]) -> Result<(FileHeader, CompactedContext), String> {
 /// Write `bytes` to `path` atomically: a temporary file beside it, then a rename, so a crash
 /// never leaves a half-written file under its name (the temporary file is removed if the rename
 /// fails).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp{}", std::process::id()));
@@ -227,6 +229,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Write atomically ([`write_atomic`]).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn save(path: &Path, header: &FileHeader, c: &CompactedContext) -> Result<(), FileError> {
     let p = path.display().to_string();
     let bytes = to_bytes(header, c).map_err(|why| FileError::Damaged {
@@ -237,24 +240,41 @@ pub fn save(path: &Path, header: &FileHeader, c: &CompactedContext) -> Result<()
 }
 
 /// Read a file and check it was made with the model whose sha256 is `model_sha256` (hex).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn load(path: &Path, model_sha256: &str) -> Result<(FileHeader, CompactedContext), FileError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| FileError::Io {
         path: p.clone(),
         source,
     })?;
-    let (h, c) = from_bytes(&bytes).map_err(|why| FileError::Damaged {
-        path: p.clone(),
+    parse_for_model(&bytes, &p, model_sha256)
+}
+
+/// Parse a file's bytes (`name` in messages: the path, or the name a browser gave) and check it
+/// was made with the model whose sha256 is `model_sha256` (hex).
+pub fn parse_for_model(
+    bytes: &[u8],
+    name: &str,
+    model_sha256: &str,
+) -> Result<(FileHeader, CompactedContext), FileError> {
+    let (h, c) = from_bytes(bytes).map_err(|why| FileError::Damaged {
+        path: name.to_string(),
         why,
     })?;
     if !h.model_sha256.eq_ignore_ascii_case(model_sha256) {
         return Err(FileError::WrongModel {
-            path: p,
+            path: name.to_string(),
             file: h.model_sha256,
             model: model_sha256.to_string(),
         });
     }
     Ok((h, c))
+}
+
+/// The hex sha256 of a model held in memory, as a file's header records it (the browser has
+/// the model's bytes, not a path).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 #[cfg(test)]
@@ -303,6 +323,24 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bytes_in_memory_are_checked_as_files_are() {
+        let (h, c) = sample();
+        let bytes = to_bytes(&h, &c).unwrap();
+        let got = parse_for_model(&bytes, "page.kvpack", &"AB".repeat(32)).unwrap();
+        assert_eq!(got, (h.clone(), c.clone()));
+        let err = parse_for_model(&bytes, "page.kvpack", &"cd".repeat(32)).unwrap_err();
+        assert!(matches!(err, FileError::WrongModel { .. }), "{err}");
+        assert!(err.to_string().starts_with("page.kvpack was made"), "{err}");
+        let err = parse_for_model(&bytes[1..], "page.kvpack", &h.model_sha256).unwrap_err();
+        assert!(matches!(err, FileError::Damaged { .. }), "{err}");
+        // FIPS 180-2's "abc".
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]

@@ -17,7 +17,6 @@
 
 mod budgets;
 mod context;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod file;
 mod fit;
 mod scores;
@@ -532,6 +531,14 @@ impl CompactedContext {
     /// Kept tokens summed over layers and heads.
     pub fn total_tokens(&self) -> usize {
         self.layers.iter().flatten().map(|h| h.len()).sum()
+    }
+
+    /// Tokens a cache without compaction would hold where a session loaded from this context
+    /// holds `cache_len` positions (the longest head's): the whole original context plus the
+    /// tokens that came after it. The f16 bytes of that many tokens are what the compaction
+    /// saves against.
+    pub fn uncompacted_tokens(&self, cache_len: usize) -> usize {
+        self.context_len + cache_len.saturating_sub(self.max_len())
     }
 }
 

@@ -743,3 +743,24 @@ fn rows_from(h: &HeadScores, from: usize) -> HeadScores {
         y: h.y[from * d..].to_vec(),
     }
 }
+
+#[test]
+fn uncompacted_tokens_count_the_whole_context_and_what_came_after() {
+    let head = |t: usize| {
+        HeadCompaction::keep(
+            &vec![0.0; t * 2],
+            &vec![0.0; t * 2],
+            2,
+            &(0..t).collect::<Vec<_>>(),
+        )
+    };
+    let c = CompactedContext {
+        context_len: 100,
+        head_dim: 2,
+        layers: vec![vec![head(3), head(5)]],
+    };
+    // A session from it holds 5 positions per head (the longest); 7 more tokens make 12.
+    assert_eq!(c.uncompacted_tokens(5), 100);
+    assert_eq!(c.uncompacted_tokens(12), 107);
+    assert_eq!(c.uncompacted_tokens(0), 100);
+}

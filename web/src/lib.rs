@@ -9,8 +9,13 @@
 //! const engine = await Engine.load(bytes, "model.gguf", (done, total) => {});
 //! const report = JSON.parse(await engine.generate("The capital of France is",
 //!     JSON.stringify({ kv: "turbo4", max_tokens: 16 }), (piece) => console.log(piece)));
+//! // Continue after a document compacted by `kvpack compact` (a .kvpack file):
+//! engine.load_cache(new Uint8Array(await (await fetch("doc.kvpack")).arrayBuffer()), "doc.kvpack");
+//! await engine.generate(" The jury", JSON.stringify({ cache: true }), (piece) => {});
 //! ```
 
+use kvpack::compact::file::{parse_for_model, sha256_hex, FileHeader};
+use kvpack::compact::CompactedContext;
 use kvpack::gpu::{BackendChoice, Gpu, GpuOptions, Power};
 use kvpack::kv::KvRecipe;
 use kvpack::model::generate::{chat_prompt, generate, DEFAULT_SYSTEM};
@@ -18,7 +23,7 @@ use kvpack::model::llama::{Llama, LlamaLoader, Session};
 use kvpack::model::sampler::Sampler;
 use kvpack::model::{EncodeOptions, GgufFile, Tokenizer};
 use serde::Deserialize;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use wasm_bindgen::prelude::*;
 
@@ -52,6 +57,9 @@ pub struct GenerateOptions {
     pub context: usize,
     /// Wrap the prompt in the ChatML template.
     pub chat: bool,
+    /// Continue after the compacted context loaded by `load_cache` (its KV format replaces
+    /// `kv`; `sinks` and `recent` still apply to a plain format), as `kvpack generate --cache`.
+    pub cache: bool,
 }
 
 impl Default for GenerateOptions {
@@ -66,6 +74,7 @@ impl Default for GenerateOptions {
             recent: 0,
             context: 1024,
             chat: false,
+            cache: false,
         }
     }
 }
@@ -76,6 +85,11 @@ struct Inner {
     tokenizer: Tokenizer,
     name: String,
     file_bytes: u64,
+    /// The model file's sha256 (hex): a `.kvpack` file must have been made with it.
+    sha256: String,
+    /// The compacted context `load_cache` read.
+    /// (Shared, so that a generation keeps its own while another file is loaded.)
+    compacted: RefCell<Option<Rc<(FileHeader, CompactedContext)>>>,
     busy: Cell<bool>,
     stop: Cell<bool>,
 }
@@ -101,6 +115,7 @@ impl Engine {
         webgpu_limits: Option<bool>,
     ) -> Result<Engine, JsError> {
         let file_bytes = bytes.len() as u64;
+        let sha256 = sha256_hex(&bytes);
         let file = GgufFile::from_bytes(bytes)
             .map_err(|e| js_err(&format!("{name} is not a usable GGUF file"), e))?;
         let tokenizer =
@@ -141,6 +156,8 @@ impl Engine {
                 tokenizer,
                 name,
                 file_bytes,
+                sha256,
+                compacted: RefCell::new(None),
                 busy: Cell::new(false),
                 stop: Cell::new(false),
             }),
@@ -178,6 +195,34 @@ impl Engine {
             "kv_bytes": (values * bpv / 8.0).round(), "kv_bytes_f16": values * 2.0,
         })
         .to_string())
+    }
+
+    /// Read a compacted context (a `.kvpack` file from `kvpack compact`) for generations with
+    /// `cache: true`. A damaged file, or one made with another model, is refused with the
+    /// reason. Returns JSON: the original context's tokens, the tokens kept (all heads, and the
+    /// longest head), the file's KV format and method.
+    pub fn load_cache(&self, bytes: Vec<u8>, name: String) -> Result<String, JsError> {
+        let (header, compacted) = parse_for_model(&bytes, &name, &self.inner.sha256)
+            .map_err(|e| JsError::new(&e.to_string()))?;
+        let kv = KvRecipe::parse_with(&header.kv, 4, 0)
+            .map_err(|e| js_err(&format!("{name}: its KV format"), e))?;
+        kv.validate_dim(self.inner.model.config.head_dim)
+            .map_err(|e| js_err(&format!("{name}: its KV format"), e))?;
+        let info = serde_json::json!({
+            "name": name, "context_tokens": compacted.context_len,
+            "tokens_kept": compacted.total_tokens(), "longest_head": compacted.max_len(),
+            "kv": header.kv, "method": header.method,
+        })
+        .to_string();
+        self.inner
+            .compacted
+            .replace(Some(Rc::new((header, compacted))));
+        Ok(info)
+    }
+
+    /// Forget the compacted context: generations start from an empty cache again.
+    pub fn clear_cache(&self) {
+        self.inner.compacted.replace(None);
     }
 
     /// How many tokens `text` encodes to (with the ChatML template when `chat`).
@@ -223,7 +268,20 @@ async fn run_generate(
     } else {
         serde_json::from_str(options).map_err(|e| js_err("generation options", e))?
     };
-    let kv = KvRecipe::parse_with(&o.kv, o.sinks, o.recent).map_err(|e| js_err("KV format", e))?;
+    // With `cache`, the compacted context's own format, as `kvpack generate --cache`.
+    let loaded = inner.compacted.borrow().clone();
+    let from = match (o.cache, loaded.as_deref()) {
+        (true, None) => {
+            return Err(JsError::new(
+                "cache: true, but no compacted context is loaded (load a .kvpack file first)",
+            ))
+        }
+        (true, Some((h, c))) => Some((h, c)),
+        (false, _) => None,
+    };
+    let kv_name = from.map_or(o.kv.as_str(), |(h, _)| h.kv.as_str());
+    let kv =
+        KvRecipe::parse_with(kv_name, o.sinks, o.recent).map_err(|e| js_err("KV format", e))?;
     let (gpu, model, tok) = (&inner.gpu, &inner.model, &inner.tokenizer);
     kv.format
         .validate_dim(model.config.head_dim)
@@ -240,8 +298,11 @@ async fn run_generate(
             o.context
         )));
     }
-    let mut session =
-        Session::new(gpu, model, &kv, o.context).map_err(|e| js_err("creating the KV cache", e))?;
+    let mut session = match from {
+        Some((_, c)) => Session::from_compacted(gpu, model, &kv, c, o.context),
+        None => Session::new(gpu, model, &kv, o.context),
+    }
+    .map_err(|e| js_err("creating the KV cache", e))?;
     let mut sampler = Sampler::new(o.temperature, o.top_p, o.seed);
     let g = generate(
         gpu,
@@ -258,7 +319,7 @@ async fn run_generate(
     .await
     .map_err(|e| js_err("generation", e))?;
     let cache = session.cache();
-    Ok(serde_json::json!({
+    let mut j = serde_json::json!({
         "text": g.text, "tokens": g.ids, "kv": kv.to_string(),
         "kv_bytes": cache.bytes(), "kv_bytes_f16": cache.bytes_f16(),
         "bits_per_value": cache.bits_per_value(), "cache_tokens": cache.len(),
@@ -266,8 +327,17 @@ async fn run_generate(
         "prompt_tokens": g.prompt_tokens, "prefill_tok_s": g.prefill_tok_s(),
         "decode_tok_s": g.decode_tok_s(), "stopped": g.stopped,
         "backend": gpu.backend_name(), "adapter": gpu.report().name,
-    })
-    .to_string())
+    });
+    // As `kvpack generate --cache --json`: the compacted context's length and the f16 cache of
+    // it all plus the new tokens.
+    if let Some((_, c)) = from {
+        j["context_tokens"] = c.context_len.into();
+        j["kv_bytes_f16_full"] = model
+            .config
+            .kv_bytes_f16(c.uncompacted_tokens(cache.len()))
+            .into();
+    }
+    Ok(j.to_string())
 }
 
 /// The prompt's token ids, as `kvpack generate` makes them.

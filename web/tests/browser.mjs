@@ -1,7 +1,9 @@
 // Browser test: serve the page and the default model on 127.0.0.1, open it in headless Chromium
 // (WebGPU on SwiftShader), generate greedy tokens with f32, turbo4 and tq3 caches through the page's
 // own controls, and require them to equal the native engine's tokens (Vulkan) for the same prompt
-// and format. Checks the memory figures, prints tokens/s, saves a screenshot.
+// and format. Then load a .kvpack file that the native `kvpack compact` wrote, continue after it,
+// and require the native `generate --cache` tokens and bytes; a damaged file must be refused.
+// Checks the memory figures, prints tokens/s, saves a screenshot.
 // Run through `scripts/web.sh test` (which builds web/pkg and target/debug/kvpack first).
 import { chromium } from "playwright-core";
 import { spawn, execFileSync } from "node:child_process";
@@ -32,6 +34,26 @@ function native(kv) {
   return JSON.parse(out);
 }
 
+// A short document compacted natively (the recommended preset: ragged heads, fitted β), and the
+// native continuation after it.
+const JURY = "The Fulton County Grand Jury said Friday an investigation of Atlanta's recent primary " +
+  "election produced no evidence that any irregularities took place. The jury further said in " +
+  "term-end presentments that the City Executive Committee, which had over-all charge of the " +
+  "election, deserves the praise and thanks of the City of Atlanta for the manner in which the " +
+  "election was conducted.";
+const CACHE_PROMPT = " The jury";
+function nativeCompacted(dir) {
+  const env = { ...process.env, XDG_RUNTIME_DIR: process.env.XDG_RUNTIME_DIR ?? "/tmp" };
+  const text = path.join(dir, "jury.txt"), file = path.join(dir, "jury.kvpack");
+  fs.writeFileSync(text, JURY + "\n\n" + JURY + "\n");
+  execFileSync(kvpack, ["compact", "--backend", "vulkan", "--model", model, "--text", text, "--context", "64",
+    "--ratio", "4", "--preset", "recommended", "--kv", "turbo4", "--out", file], { stdio: ["ignore", "inherit", "inherit"], env });
+  const out = execFileSync(kvpack, ["generate", "--backend", "vulkan", "--model", model, "--cache", file,
+    "--prompt", CACHE_PROMPT, "--max-tokens", String(MAX_TOKENS), "--sinks", String(SINKS), "--context", String(CONTEXT), "--json"],
+    { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"], env });
+  return { file, ref: JSON.parse(out) };
+}
+
 async function serve() {
   const child = spawn(process.execPath, [path.join(root, "web", "serve.mjs"), "--port", "0", "--model", model], { stdio: ["ignore", "pipe", "inherit"] });
   const url = await new Promise((resolve, reject) => {
@@ -48,6 +70,12 @@ for (const kv of FORMATS) {
 }
 
 fs.mkdirSync(outDir, { recursive: true });
+const compacted = nativeCompacted(outDir);
+console.log(`native after ${path.basename(compacted.file)}: ${JSON.stringify(compacted.ref.tokens)} ${JSON.stringify(compacted.ref.text)}`);
+const damaged = path.join(outDir, "damaged.kvpack");
+const bytes = fs.readFileSync(compacted.file);
+bytes[bytes.length >> 1] ^= 1;
+fs.writeFileSync(damaged, bytes);
 const { child: server, url } = await serve();
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
@@ -86,6 +114,30 @@ try {
     check(Math.abs(bar - expect) < 0.2, `${kv}: memory bar at ${bar}% of the larger of (f16, actual) (expected ${expect.toFixed(1)}%)`);
     fs.writeFileSync(path.join(outDir, `browser-${kv}.json`), JSON.stringify(r, null, 2));
   }
+  // A damaged .kvpack is refused with the reason; the page stays usable.
+  await page.setInputFiles("#cache-file", damaged);
+  await page.waitForFunction(() => document.body.dataset.state === "error", null, { timeout: 60_000 });
+  const why = await page.textContent("#status");
+  check(why.includes("checksum"), `a damaged .kvpack file is refused: ${why}`);
+  // The natively compacted document: the page continues after it exactly as the native engine.
+  await page.setInputFiles("#cache-file", compacted.file);
+  await page.waitForFunction(() => document.body.dataset.state === "ready", null, { timeout: 60_000 });
+  console.log(`page: ${await page.textContent("#cache-info")}`);
+  await page.fill("#prompt", CACHE_PROMPT);
+  await page.fill("#max-tokens", String(MAX_TOKENS));
+  await page.click("#generate");
+  await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, { timeout: 900_000 });
+  if (await page.evaluate(() => document.body.dataset.state) !== "done") {
+    throw new Error(`generation after the .kvpack file failed: ${await page.textContent("#status")}`);
+  }
+  const r = JSON.parse(await page.textContent("#report"));
+  const ref = compacted.ref;
+  console.log(`browser after ${path.basename(compacted.file)}: ${JSON.stringify(r.tokens)} ${JSON.stringify(r.text)}`);
+  check(JSON.stringify(r.tokens) === JSON.stringify(ref.tokens), `.kvpack: greedy tokens equal native generate --cache (${r.tokens.length} tokens)`);
+  check(r.kv === ref.kv && r.kv_bytes === ref.kv_bytes, `.kvpack: ${r.kv} cache of ${r.kv_bytes} bytes equals native ${ref.kv} ${ref.kv_bytes}`);
+  check(r.context_tokens === ref.context_tokens && r.kv_bytes_f16_full === ref.kv_bytes_f16_full,
+    `.kvpack: ${r.context_tokens} context tokens, f16 cache of them all ${r.kv_bytes_f16_full} bytes, as native`);
+  fs.writeFileSync(path.join(outDir, "browser-kvpack.json"), JSON.stringify(r, null, 2));
   await page.screenshot({ path: path.join(outDir, "page.png"), fullPage: true });
   console.log(`screenshot: ${path.relative(root, path.join(outDir, "page.png"))}`);
 } finally {
