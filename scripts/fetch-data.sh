@@ -38,10 +38,12 @@ with open("data/kjv.txt", "w", encoding="utf-8") as out:
         out.write(text.strip() + "\n")
 PY
 fi
-# Held-out KJV passages (the text from the first verse of Psalms, of John and of Isaiah, to the end):
-# contexts the KJV settings were not chosen on.
+# Held-out KJV passages (the text from the first verse of Psalms, John, Isaiah, Exodus and
+# Proverbs, to the end): contexts the KJV settings were not chosen on.
 for pair in "psalms:Blessed is the man that walketh not" "john:In the beginning was the Word" \
-            "isaiah:The vision of Isaiah the son of Amoz"; do
+            "isaiah:The vision of Isaiah the son of Amoz" \
+            "exodus:Now these are the names of the children of Israel, which came into Egypt" \
+            "proverbs:The proverbs of Solomon the son of David"; do
   name=${pair%%:*}; first=${pair#*:}
   if [ ! -f "data/kjv-$name.txt" ]; then
     python3 - "$name" "$first" <<'PY'
@@ -63,4 +65,4 @@ with open("data/brown-news.txt", "w", encoding="utf-8") as f:
 PY
 fi
 rm -rf data/tmp
-echo "data/brown/ (ca01.txt …), data/brown-news.txt, data/kjv.txt and data/kjv-{psalms,john,isaiah}.txt ready"
+echo "data/brown/ (ca01.txt …), data/brown-news.txt, data/kjv.txt and data/kjv-{psalms,john,isaiah,exodus,proverbs}.txt ready"

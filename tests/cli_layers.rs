@@ -171,3 +171,67 @@ fn the_recommended_preset_compacts_with_the_shipped_profile_and_generate_continu
     assert!(kv_bytes > 0);
     std::fs::remove_file(&out).unwrap();
 }
+
+#[test]
+fn the_adaptive_preset_keeps_the_setting_that_does_better_on_the_context_itself() {
+    let (backend, model, _, text) = setup("adaptive");
+    let (model, text) = (model.as_str(), text.as_str());
+    let eval = |preset: &[&str]| -> serde_json::Value {
+        let out = kvpack(
+            &[
+                &["--backend", backend.as_str(), "eval", "compaction"][..],
+                &["--model", model, "--text", text, "--context", "96"],
+                &["--continuation", "8", "--recall", "8", "--ratios", "4"],
+                &["--methods", "am-ctx-window", "--json"],
+                preset,
+            ]
+            .concat(),
+        );
+        serde_json::from_str(&out).unwrap()
+    };
+    let j = eval(&["--preset", "adaptive"]);
+    let row = &j["rows"][0];
+    assert_eq!(row["selection"], "adaptive", "{row}");
+    let choice = &row["adaptive"];
+    // An eighth of the 96-token context held back, a quarter read again, both settings
+    // tried; observation kept only if better on both measures.
+    assert_eq!(
+        (&choice["holdout"], &choice["reread"]),
+        (&12.into(), &24.into())
+    );
+    let trials = choice["trials"].as_array().unwrap();
+    let names: Vec<&str> = trials
+        .iter()
+        .map(|t| t["setting"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["recommended", "observation"]);
+    let measure = |k: usize, m: &str| trials[k][m].as_f64().unwrap();
+    let better = ["gap", "recall_gap"]
+        .iter()
+        .all(|m| measure(1, m) > measure(0, m));
+    let best = usize::from(better);
+    assert_eq!(choice["chosen"], names[best], "{choice}");
+    let (seconds, choice_s) = (
+        row["seconds"].as_f64().unwrap(),
+        choice["seconds"].as_f64().unwrap(),
+    );
+    assert!(choice_s > 0.0 && seconds > choice_s, "{seconds} {choice_s}");
+    // The whole context is then compacted exactly as the kept setting alone compacts it.
+    let alone = if best == 0 {
+        eval(&["--preset", "recommended"])
+    } else {
+        eval(&[
+            "--preset",
+            "recommended",
+            "--selection",
+            "observation",
+            "--value-ridge",
+            "1e6",
+            "--recent-fraction",
+            "0.6",
+        ])
+    };
+    for key in ["ppl", "recall_ppl", "tokens_kept", "kv_bytes"] {
+        assert_eq!(row[key], alone["rows"][0][key], "{key}");
+    }
+}

@@ -85,6 +85,11 @@ fn compacted_sessions_continue_from_the_context() {
             head_dim: d,
         };
         let budget = t / 2;
+        let own_fit = FitOptions {
+            value_ridge: 1e6,
+            max_bias: 1.0,
+            ..FitOptions::default()
+        };
         let layer_sizes: Vec<usize> = (0..c.n_layer)
             .map(|l| {
                 if l % 2 == 0 {
@@ -103,6 +108,7 @@ fn compacted_sessions_continue_from_the_context() {
                 head_budgets: HeadBudgets::Sensitivity,
                 selection: Selection::Omp,
                 fit_for: None,
+                fit: None,
             },
             // β and values fitted to the keys as a turbo4 cache stores them.
             Job {
@@ -119,6 +125,11 @@ fn compacted_sessions_continue_from_the_context() {
                 head_budgets: HeadBudgets::PerLayer(layer_sizes.clone().into()),
                 ..Job::uniform(Method::AmMixWindow, budget)
             },
+            // Its own fit options: the values kept (a large ridge), β capped at 1.
+            Job {
+                fit: Some(own_fit),
+                ..Job::uniform(Method::Am, budget)
+            },
         ];
         let (out, timings) = pollster::block_on(compact_context(
             &gpu,
@@ -130,7 +141,7 @@ fn compacted_sessions_continue_from_the_context() {
             &FitOptions::default(),
         ))
         .unwrap();
-        assert_eq!(timings.fit_s.len(), 5);
+        assert_eq!(timings.fit_s.len(), 6);
         for (l, heads) in out[4].layers.iter().enumerate() {
             assert!(heads.iter().all(|h| h.len() == layer_sizes[l]), "layer {l}");
         }
@@ -263,6 +274,34 @@ fn compacted_sessions_continue_from_the_context() {
             Session::from_compacted(&gpu, &model, &KvRecipe::plain(turbo, 4), stored, 8).unwrap();
         let logits = pollster::block_on(s.forward(&gpu, next, Logits::All)).unwrap();
         assert!(logits.iter().all(|x| x.is_finite()));
+        // A job's own fit options: the same result as a call given those options, the same
+        // keys as plain am, other biases and values.
+        let (alone, _) = pollster::block_on(compact_context(
+            &gpu,
+            shape,
+            &cap,
+            Some(&reference),
+            &[Job::uniform(Method::Am, budget)],
+            usize::MAX,
+            &own_fit,
+        ))
+        .unwrap();
+        assert_eq!(out[5], alone[0]);
+        for (x, y) in out[5]
+            .layers
+            .iter()
+            .flatten()
+            .zip(am.layers.iter().flatten())
+        {
+            assert_eq!(x.positions, y.positions);
+            assert!(x.bias.iter().all(|&b| b <= 1.0 + 1e-6), "{:?}", x.bias);
+        }
+        assert!(
+            (out[5].layers.iter().flatten())
+                .zip(am.layers.iter().flatten())
+                .any(|(x, y)| x.values != y.values),
+            "the job's own ridge did not change the values"
+        );
         // Streaming keeps the sinks and the latest tokens, no biases.
         let st = &out[1];
         assert_eq!(st.layers[0][0].positions[..4], [0, 1, 2, 3]);

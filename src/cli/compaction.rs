@@ -26,8 +26,15 @@ pub struct FitArgs {
     /// exact sink, 0.7 of each head's budget as an exact recent window, the rest heavy hitters
     /// by accumulated attention with β capped at 1 and values shrunk with ridge 100, per-layer
     /// budgets from the shipped SmolLM2 profile (uniform for other models). It beats H2O,
-    /// SnapKV and StreamingLLM on both continuation and recall in 29 of 33 measured cells (11
-    /// texts × 10x, 20x, 50x; docs/compaction.md). Options given beside it override its own.
+    /// SnapKV and StreamingLLM on both continuation and recall in 39 of 45 measured cells (15
+    /// texts × 10x, 20x, 50x; docs/compaction.md). `adaptive`: the same defaults, and for
+    /// am-ctx and am-ctx-window two settings tried on the context itself, `recommended` and
+    /// `observation` (SnapKV's observation-window selection, values kept, β ≤ 1, recent share
+    /// 0.6): each compacts the context less its last 64 tokens, and `observation` compacts the
+    /// whole context only if it recovers more of the perplexity gap than `recommended` both on
+    /// those 64 tokens and on the first 256 read again (40 of the 45 cells; compaction then
+    /// takes about 2–3x the prefill's time). Options given beside a preset override its own
+    /// (with `adaptive`, in both settings).
     #[arg(long, value_enum)]
     preset: Option<Preset>,
     /// am-window, am-mix-window, am-ctx-window: the share of each head's budget kept as an exact
@@ -62,6 +69,34 @@ pub enum Preset {
     /// am-ctx-window, accumulated selection, 1 sink, recent share 0.7, β ≤ 1, ridge 100,
     /// profile budgets (the shipped SmolLM2 profile; uniform for other models).
     Recommended,
+    /// `recommended`, or SnapKV's observation-window selection with the values kept (ridge
+    /// 1e6), β ≤ 1 and recent share 0.6 where that does better on both the context's own
+    /// held-back tail and its re-read head ([`choose_settings`]).
+    Adaptive,
+}
+
+/// One setting `--preset adaptive` tries: a key selection and the fit's knobs.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate {
+    /// The name rows and logs show.
+    pub name: &'static str,
+    /// How the keys are picked.
+    pub selection: Selection,
+    /// The fit's knobs.
+    pub fit: FitOptions,
+}
+
+/// The tokens at the end of the context that `--preset adaptive` holds back to compare its
+/// settings on what comes next: 64, or an eighth of a short context.
+pub fn adaptive_holdout(context: usize) -> usize {
+    (context / 8).min(64)
+}
+
+/// The tokens at the start of the context that `--preset adaptive` reads again after each
+/// setting's compaction, to compare what it still holds: 256 (as `eval compaction`'s recall),
+/// or a quarter of a short context.
+pub fn adaptive_reread(context: usize) -> usize {
+    (context / 4).min(256)
 }
 
 /// The layer profile `--preset recommended` uses for the default model (`kvpack eval layers`
@@ -73,6 +108,23 @@ const SHIPPED_PROFILE: &str =
 const PRESET_METHOD: &str = "am-ctx-window";
 const PRESET_METHODS: &str = "am-ctx-window,h2o,snapkv,streaming";
 const PRESET_SELECTION: SelectionArg = SelectionArg::Accumulated;
+
+/// The recommended preset's fit: 1 sink, recent share 0.7, ridge 100, β ≤ 1.
+const RECOMMENDED_FIT: FitOptions = FitOptions {
+    value_ridge: 100.0,
+    recent_fraction: 0.7,
+    window_sinks: 1,
+    max_bias: 1.0,
+    ..FitOptions::DEFAULT
+};
+
+/// The adaptive preset's second setting (with observation selection): the values kept (β only),
+/// recent share 0.6.
+const OBSERVATION_FIT: FitOptions = FitOptions {
+    value_ridge: 1e6,
+    recent_fraction: 0.6,
+    ..RECOMMENDED_FIT
+};
 
 /// `--head-budgets`: how Attention Matching shares a job's tokens among heads. `uniform` keeps
 /// the same number in every head; `sensitivity` fits each head at 0.5x, 1x, 2x and 3x the
@@ -196,15 +248,14 @@ impl FitArgs {
     /// The fit's options: those given, then the preset's, then the defaults.
     pub(super) fn options(&self) -> FitOptions {
         let base = match self.preset {
-            Some(Preset::Recommended) => FitOptions {
-                recent_fraction: 0.7,
-                window_sinks: 1,
-                value_ridge: 100.0,
-                max_bias: 1.0,
-                ..FitOptions::default()
-            },
+            Some(Preset::Recommended | Preset::Adaptive) => RECOMMENDED_FIT,
             None => FitOptions::default(),
         };
+        self.over(base)
+    }
+
+    /// `base` with the options given on the command line put over it.
+    fn over(&self, base: FitOptions) -> FitOptions {
         FitOptions {
             recent_fraction: self.recent_fraction.unwrap_or(base.recent_fraction),
             window_sinks: self.window_sinks.unwrap_or(base.window_sinks),
@@ -215,8 +266,30 @@ impl FitArgs {
         }
     }
 
+    /// Whether a preset sets the unset options (both presets share the recommended defaults).
     fn recommended(&self) -> bool {
-        self.preset == Some(Preset::Recommended)
+        self.preset.is_some()
+    }
+
+    /// The settings `--preset adaptive` chooses among (none without it); `selection` given on
+    /// the command line replaces both settings' own, and so do the fit options given.
+    pub(super) fn candidates(&self, selection: Option<SelectionArg>) -> Vec<Candidate> {
+        if self.preset != Some(Preset::Adaptive) {
+            return Vec::new();
+        }
+        let pick = |own: SelectionArg| selection.unwrap_or(own).into();
+        vec![
+            Candidate {
+                name: "recommended",
+                selection: pick(PRESET_SELECTION),
+                fit: self.over(RECOMMENDED_FIT),
+            },
+            Candidate {
+                name: "observation",
+                selection: pick(SelectionArg::Observation),
+                fit: self.over(OBSERVATION_FIT),
+            },
+        ]
     }
 }
 
@@ -388,6 +461,9 @@ struct Row {
     kv_bytes_f16_full: u64,
     seconds: f64,
     prefill_seconds: f64,
+    /// `--preset adaptive`: what the choice measured and kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adaptive: Option<Choice>,
 }
 
 /// What [`compact_tokens`] produced.
@@ -402,17 +478,64 @@ pub struct CompactionRun {
     pub prefill_s: f64,
     /// Seconds of the reference-query prefill (0 without Attention Matching).
     pub repeat_s: f64,
+    /// Per job, what `--preset adaptive` measured and kept (`None`: the job's own setting).
+    pub choices: Vec<Option<Choice>>,
+}
+
+/// What `--preset adaptive` measured for one job, on the context itself: each setting's
+/// perplexity gap recovered on the held-back tail and on the re-read head, and the one kept.
+#[derive(Clone, Debug, Serialize)]
+pub struct Choice {
+    /// The setting kept.
+    pub chosen: &'static str,
+    /// Tokens held back at the end.
+    pub holdout: usize,
+    /// Tokens read again from the start.
+    pub reread: usize,
+    /// One per setting, in the order tried.
+    pub trials: Vec<Trial>,
+    /// Seconds the choice took: the shared scores, the settings' fits and their measurements.
+    pub seconds: f64,
+}
+
+/// One setting's gaps recovered on the held-back tail (`gap`) and the re-read head.
+#[derive(Clone, Debug, Serialize)]
+pub struct Trial {
+    pub setting: &'static str,
+    pub gap: f64,
+    pub recall_gap: f64,
+}
+
+impl Choice {
+    /// `tried: setting gap/recall gap, …` for logs.
+    pub fn summary(&self) -> String {
+        let trials: Vec<String> = self
+            .trials
+            .iter()
+            .map(|t| format!("{} {:.3}/{:.3}", t.setting, t.gap, t.recall_gap))
+            .collect();
+        format!(
+            "{} (gap on the last {} context tokens / recall gap on the first {}: {}; {:.1} s)",
+            self.chosen,
+            self.holdout,
+            self.reread,
+            trials.join(", "),
+            self.seconds,
+        )
+    }
 }
 
 /// Read `context` with an f32 cache, recording keys, values and queries; when a job needs them,
 /// read the repeat prompt and the context again for the reference queries; then compact for
-/// every job `(method, tokens per head)`.
+/// every job `(method, tokens per head)`. With `candidates` (`--preset adaptive`), each job
+/// that fits the context's own queries takes the setting [`choose_settings`] picks.
 #[allow(clippy::too_many_arguments)]
 pub fn compact_tokens(
     gpu: &Gpu,
     loaded: &Loaded,
     context: &[u32],
     jobs: &[Job],
+    candidates: &[Candidate],
     reference_positions: usize,
     sinks: usize,
     fit: &FitOptions,
@@ -464,13 +587,32 @@ pub fn compact_tokens(
         n_kv_heads: c.n_head_kv,
         head_dim: c.head_dim,
     };
+    let choices = choose_settings(
+        gpu, model, shape, &captured, context, jobs, candidates, sinks,
+    )?;
+    let mut jobs = jobs.to_vec();
+    for (job, choice) in jobs.iter_mut().zip(&choices) {
+        if let Some(ch) = choice {
+            let c = candidates
+                .iter()
+                .find(|c| c.name == ch.chosen)
+                .expect("a tried setting");
+            (job.selection, job.fit) = (c.selection, Some(c.fit));
+            log(&format!(
+                "{} {} per head: {}",
+                job.method,
+                job.budget,
+                ch.summary()
+            ));
+        }
+    }
     log(&format!("compacting: {} jobs", jobs.len()));
     let (compacted, timings) = pollster::block_on(compact_context(
         gpu,
         shape,
         &captured,
         reference.as_ref(),
-        jobs,
+        &jobs,
         reference_positions,
         fit,
     ))?;
@@ -480,7 +622,151 @@ pub fn compact_tokens(
         timings,
         prefill_s,
         repeat_s,
+        choices,
     })
+}
+
+/// `--preset adaptive`: for every job whose method fits the context's own queries (am-ctx,
+/// am-ctx-window), compact the context less its last [`adaptive_holdout`] tokens with each
+/// candidate setting (the job's budgets scaled to the shorter context; one pass over the
+/// scores for all), then measure, after each result, the perplexity of the held-back tokens
+/// (what comes next) and of the context's first [`adaptive_reread`] tokens read again (what
+/// it still holds), as gaps recovered between no context and the whole shorter context, and
+/// keep the setting [`pick_setting`] picks. Only the context is read: nothing after it.
+#[allow(clippy::too_many_arguments)]
+fn choose_settings(
+    gpu: &Gpu,
+    model: &Llama,
+    shape: ContextShape,
+    captured: &Captured,
+    context: &[u32],
+    jobs: &[Job],
+    candidates: &[Candidate],
+    sinks: usize,
+) -> Result<Vec<Option<Choice>>> {
+    let t = captured.tokens;
+    let (holdout, reread) = (adaptive_holdout(t), adaptive_reread(t));
+    let open: Vec<usize> = (0..jobs.len())
+        .filter(|&j| {
+            let m = jobs[j].method;
+            m.fits_context_queries() && !m.needs_reference_queries()
+        })
+        .collect();
+    let mut choices = vec![None; jobs.len()];
+    if candidates.is_empty() || open.is_empty() {
+        return Ok(choices);
+    }
+    if holdout < 2 {
+        bail!("--preset adaptive needs a context of at least 16 tokens, got {t}");
+    }
+    let tp = t - holdout;
+    let cut = |x: &[Vec<f32>], per_token: usize| -> Vec<Vec<f32>> {
+        x.iter().map(|l| l[..tp * per_token].to_vec()).collect()
+    };
+    let d = shape.head_dim;
+    let prefix = Captured {
+        tokens: tp,
+        q: cut(&captured.q, shape.n_head * d),
+        k: cut(&captured.k, shape.n_kv_heads * d),
+        v: cut(&captured.v, shape.n_kv_heads * d),
+    };
+    let scale = |b: usize| ((b as f64 * tp as f64 / t as f64).round() as usize).clamp(1, tp);
+    let trial_jobs: Vec<Job> = open
+        .iter()
+        .flat_map(|&j| {
+            candidates.iter().map(move |c| Job {
+                budget: scale(jobs[j].budget),
+                head_budgets: match &jobs[j].head_budgets {
+                    HeadBudgets::PerLayer(b) => {
+                        HeadBudgets::PerLayer(b.iter().map(|&x| scale(x)).collect())
+                    }
+                    h => h.clone(),
+                },
+                selection: c.selection,
+                fit: Some(c.fit),
+                ..jobs[j].clone()
+            })
+        })
+        .collect();
+    let (trials, timings) = pollster::block_on(compact_context(
+        gpu,
+        shape,
+        &prefix,
+        None,
+        &trial_jobs,
+        0,
+        &FitOptions::default(),
+    ))?;
+    let (tail, head) = (&context[tp..t], &context[..reread]);
+    let recipe = KvRecipe::plain("f32".parse()?, sinks);
+    let clock = Instant::now();
+    let full = measure(
+        gpu,
+        model,
+        &recipe,
+        Some(&full_context(captured, &model.config, tp)),
+        tail,
+        head,
+    )?;
+    let none = measure(gpu, model, &recipe, None, tail, head)?;
+    let references_s = clock.elapsed().as_secs_f64();
+    for (i, &j) in open.iter().enumerate() {
+        let clock = Instant::now();
+        let mut tried = Vec::with_capacity(candidates.len());
+        for (k, c) in candidates.iter().enumerate() {
+            let m = measure(
+                gpu,
+                model,
+                &recipe,
+                Some(&trials[i * candidates.len() + k]),
+                tail,
+                head,
+            )?;
+            tried.push(Trial {
+                setting: c.name,
+                gap: gap_recovered(none.ppl, full.ppl, m.ppl),
+                recall_gap: gap_recovered(none.recall, full.recall, m.recall),
+            });
+        }
+        let best = pick_setting(&tried);
+        let fits: f64 = timings.fit_s[i * candidates.len()..(i + 1) * candidates.len()]
+            .iter()
+            .sum();
+        choices[j] = Some(Choice {
+            chosen: candidates[best].name,
+            holdout,
+            reread,
+            trials: tried,
+            seconds: timings.context_scores_s + fits + references_s + clock.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(choices)
+}
+
+/// The setting `--preset adaptive` keeps: the first (the default) unless another recovers
+/// more of both gaps, the held-back tokens' and the re-read's; of several that do, the one with
+/// the larger sum. A setting better on one measure and worse on the other does not replace
+/// the default: the prefix's measures are estimates, and the default is the measured one.
+fn pick_setting(tried: &[Trial]) -> usize {
+    let score = |t: &Trial| t.gap + t.recall_gap;
+    (1..tried.len())
+        .filter(|&k| tried[k].gap > tried[0].gap && tried[k].recall_gap > tried[0].recall_gap)
+        .max_by(|&a, &b| {
+            score(&tried[a])
+                .total_cmp(&score(&tried[b]))
+                .then(b.cmp(&a))
+        })
+        .unwrap_or(0)
+}
+
+/// The share of the perplexity gap between no context (`none`) and the whole context (`full`)
+/// that `x` recovers: 1 is the whole context's, 0 no context's (0 when the two are equal).
+fn gap_recovered(none: f64, full: f64, x: f64) -> f64 {
+    if none != full {
+        (none - x) / (none - full)
+    } else {
+        0.0
+    }
 }
 
 /// Perplexity of `tokens[1..]` given `tokens[..n-1]`, fed into `session`.
@@ -720,6 +1006,7 @@ fn eval_jobs(
                         head_budgets: hb.budgets(profile, budget, a.context)?,
                         selection: sel.into(),
                         fit_for: None,
+                        fit: None,
                     };
                     if a.fit_to_kv && m.is_attention_matching() {
                         for f in formats {
@@ -805,11 +1092,15 @@ fn evaluate_text(
     let f32_fmt: KvFormat = "f32".parse()?;
     let job_list: Vec<Job> = jobs.iter().map(|(j, _, _)| j.clone()).collect();
     let fit = a.fit.options();
+    let candidates = a
+        .fit
+        .candidates(a.selection.as_ref().and_then(|s| s.first().copied()));
     let run = compact_tokens(
         gpu,
         loaded,
         context,
         &job_list,
+        &candidates,
         a.reference_positions,
         a.sinks,
         &fit,
@@ -826,7 +1117,6 @@ fn evaluate_text(
     log("measuring: no context");
     let m_none = measure(gpu, model, &f32_recipe, None, continuation, recall)?;
     let kv_bytes_f16_full = c.kv_bytes_f16(a.context);
-    let gap = |none: f64, full: f64, x: f64| (none - x) / (none - full);
     let mut rows = Vec::new();
     for (j, (job, r, measured)) in jobs.iter().enumerate() {
         let r = *r;
@@ -843,14 +1133,15 @@ fn evaluate_text(
         for (label, f) in measured {
             log(&format!("measuring: {m} {r}x {label}"));
             let got = measure(gpu, model, f, Some(&compacted[j]), continuation, recall)?;
+            let choice = &run.choices[j];
             rows.push(Row {
                 key: RowKey {
                     method: m.to_string(),
                     head_budgets: job.head_budgets.name().into(),
-                    selection: if m.is_attention_matching() {
-                        job.selection.to_string()
-                    } else {
-                        "-".into()
+                    selection: match choice {
+                        Some(_) => "adaptive".into(),
+                        None if m.is_attention_matching() => job.selection.to_string(),
+                        None => "-".into(),
                     },
                     fitted_to_kv: job.fit_for.is_some(),
                     ratio: r,
@@ -859,13 +1150,14 @@ fn evaluate_text(
                 },
                 tokens_kept: compacted[j].total_tokens(),
                 ppl: got.ppl,
-                gap_recovered: gap(m_none.ppl, m_full.ppl, got.ppl),
+                gap_recovered: gap_recovered(m_none.ppl, m_full.ppl, got.ppl),
                 recall_ppl: got.recall,
-                recall_gap_recovered: gap(m_none.recall, m_full.recall, got.recall),
+                recall_gap_recovered: gap_recovered(m_none.recall, m_full.recall, got.recall),
                 kv_bytes: got.kv_bytes,
                 kv_bytes_f16_full,
-                seconds: scores_s + timings.fit_s[j],
+                seconds: scores_s + timings.fit_s[j] + choice.as_ref().map_or(0.0, |c| c.seconds),
                 prefill_seconds: prefill_s,
+                adaptive: choice.clone(),
             });
         }
     }
@@ -966,6 +1258,16 @@ fn print_report(gpu: &Gpu, loaded: &Loaded, a: &CompactionArgs, r: &TextReport) 
             r.kv_bytes,
             r.seconds
         );
+    }
+    for r in &r.rows {
+        if let Some(c) = &r.adaptive {
+            println!(
+                "{} {}x adaptive: {}",
+                r.key.method,
+                r.key.ratio,
+                c.summary()
+            );
+        }
     }
 }
 
@@ -1104,6 +1406,7 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
     }
     let budget = ((context.len() as f64 / a.ratio).round() as usize).max(1);
     let t = Instant::now();
+    let candidates = a.fit.candidates(a.selection);
     let run = compact_tokens(
         &gpu,
         &loaded,
@@ -1118,7 +1421,9 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
             )?,
             selection: selection.into(),
             fit_for: a.fit_to_kv.then_some(FitFor::recipe(&kv)),
+            fit: None,
         }],
+        &candidates,
         a.reference_positions,
         4,
         &a.fit.options(),
@@ -1133,8 +1438,12 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
     };
     kvpack::compact::file::save(&a.out, &header, &run.compacted[0])?;
     let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    let setting = match &run.choices[0] {
+        Some(c) => format!(", setting {}", c.chosen),
+        None => String::new(),
+    };
     println!(
-        "{}: {} context tokens → {budget} per KV head ({method}, {:.1}x); prefill {:.1} s, compaction {:.1} s; file {bytes} bytes (f32 tokens; stored as {kv_label} when loaded)",
+        "{}: {} context tokens → {budget} per KV head ({method}{setting}, {:.1}x); prefill {:.1} s, compaction {:.1} s; file {bytes} bytes (f32 tokens; stored as {kv_label} when loaded)",
         a.out.display(),
         context.len(),
         context.len() as f64 / budget as f64,
@@ -1218,6 +1527,7 @@ mod tests {
             kv_bytes_f16_full: 10_000,
             seconds: 1.0,
             prefill_seconds: 2.0,
+            adaptive: None,
         }
     }
 
@@ -1412,5 +1722,67 @@ mod job_tests {
         assert_eq!(a.selections(), [SelectionArg::Highest]);
         assert_eq!(a.head_budgets(true), [BudgetArg::Uniform]);
         assert!(Cli::try_parse_from(["t", "--text", "x.txt", "--preset", "best"]).is_err());
+    }
+
+    #[test]
+    fn the_adaptive_preset_tries_two_settings_and_explicit_options_reach_both() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["t", "--text", "x.txt", "--preset", "adaptive"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).unwrap().a
+        };
+        let a = parse(&[]);
+        // The recommended defaults for everything else.
+        assert_eq!(a.fit.options(), RECOMMENDED_FIT);
+        assert_eq!(a.selections(), [SelectionArg::Accumulated]);
+        assert_eq!(a.head_budgets(true), [BudgetArg::Profile]);
+        let c = a.fit.candidates(None);
+        let names: Vec<&str> = c.iter().map(|c| c.name).collect();
+        assert_eq!(names, ["recommended", "observation"]);
+        assert_eq!(
+            (c[0].selection, c[0].fit),
+            (Selection::Accumulated, RECOMMENDED_FIT)
+        );
+        assert_eq!(c[1].selection, Selection::Observation);
+        let o = c[1].fit;
+        assert_eq!(
+            (o.recent_fraction, o.window_sinks, o.value_ridge, o.max_bias),
+            (0.6, 1, 1e6, 1.0)
+        );
+        // Options given apply to both settings.
+        let a = parse(&["--max-bias", "2", "--window-sinks", "4"]);
+        for c in a.fit.candidates(Some(SelectionArg::Highest)) {
+            assert_eq!((c.fit.max_bias, c.fit.window_sinks), (2.0, 4), "{}", c.name);
+            assert_eq!(c.selection, Selection::HighestAttention, "{}", c.name);
+        }
+        // Only the adaptive preset tries settings.
+        let a = Cli::try_parse_from(["t", "--text", "x.txt", "--preset", "recommended"])
+            .unwrap()
+            .a;
+        assert!(a.fit.candidates(None).is_empty());
+        assert_eq!((adaptive_holdout(1024), adaptive_holdout(96)), (64, 12));
+        assert_eq!((adaptive_reread(1024), adaptive_reread(96)), (256, 24));
+    }
+
+    #[test]
+    fn another_setting_replaces_the_default_only_when_better_on_both_measures() {
+        let t = |gap: f64, recall_gap: f64| Trial {
+            setting: "x",
+            gap,
+            recall_gap,
+        };
+        // Better on one, worse on the other (a larger sum, even): the default stays.
+        assert_eq!(pick_setting(&[t(0.7, 0.2), t(0.8, 0.15)]), 0);
+        assert_eq!(pick_setting(&[t(0.7, 0.2), t(0.6, 0.5)]), 0);
+        // A tie on one measure is not better.
+        assert_eq!(pick_setting(&[t(0.7, 0.2), t(0.8, 0.2)]), 0);
+        assert_eq!(pick_setting(&[t(0.7, 0.2), t(0.71, 0.21)]), 1);
+        // Of several that are better on both, the larger sum; the earlier on a tie.
+        assert_eq!(
+            pick_setting(&[t(0.5, 0.1), t(0.6, 0.2), t(0.7, 0.3), t(0.8, 0.2)]),
+            2
+        );
+        assert_eq!(pick_setting(&[t(0.5, 0.1), t(0.6, 0.3), t(0.7, 0.2)]), 1);
+        assert_eq!(pick_setting(&[t(0.5, 0.1)]), 0);
     }
 }

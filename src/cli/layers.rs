@@ -142,6 +142,7 @@ pub fn run(gpu_args: &GpuArgs, a: LayersArgs) -> Result<()> {
             head_budgets: HeadBudgets::Uniform,
             selection: a.selection.into(),
             fit_for: None,
+            fit: None,
         })
         .collect();
     let run = compact_tokens(
@@ -149,6 +150,7 @@ pub fn run(gpu_args: &GpuArgs, a: LayersArgs) -> Result<()> {
         &loaded,
         context,
         &jobs,
+        &[],
         a.reference_positions,
         a.sinks,
         &a.fit.options(),

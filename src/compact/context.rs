@@ -237,6 +237,7 @@ pub async fn compact_context(
             };
             for (j, job) in jobs.iter().enumerate() {
                 let (method, selection) = (job.method, job.selection);
+                let opts = job.fit.as_ref().unwrap_or(opts);
                 let budget = match &job.head_budgets {
                     HeadBudgets::PerLayer(b) if method.is_attention_matching() => b[l],
                     _ => job.budget,

@@ -250,7 +250,7 @@ impl std::fmt::Display for Selection {
 pub const BUDGET_FACTORS: [f64; 4] = [0.5, 1.0, 2.0, 3.0];
 
 /// Knobs of the Attention Matching fit.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FitOptions {
     /// Coordinate-descent sweeps of the NNLS.
     pub nnls_sweeps: usize,
@@ -336,7 +336,7 @@ impl StoredKeys<'_> {
 /// One compaction that [`compact_context`] computes: a method, the tokens each head keeps (on
 /// average, with [`HeadBudgets::Sensitivity`] and [`HeadBudgets::PerLayer`]) and how they are
 /// shared among heads.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Job {
     /// The method.
     pub method: Method,
@@ -349,6 +349,9 @@ pub struct Job {
     /// Attention Matching fits β and values to the keys as this cache stores them (`None`:
     /// to the exact keys). The baselines ignore it.
     pub fit_for: Option<FitFor>,
+    /// The fit's knobs for this job (`None`: the options [`compact_context`] is given), so
+    /// jobs with different settings share one pass over the scores.
+    pub fit: Option<FitOptions>,
 }
 
 impl Job {
@@ -360,21 +363,27 @@ impl Job {
             head_budgets: HeadBudgets::Uniform,
             selection: Selection::HighestAttention,
             fit_for: None,
+            fit: None,
         }
     }
 }
 
 impl Default for FitOptions {
     fn default() -> Self {
-        FitOptions {
-            nnls_sweeps: 300,
-            value_ridge: 1e-3,
-            recent_fraction: 0.25,
-            window_sinks: SINK_TOKENS,
-            fit_from: 0.0,
-            max_bias: BIAS_LIMIT,
-        }
+        FitOptions::DEFAULT
     }
+}
+
+impl FitOptions {
+    /// The defaults (plain Attention Matching's fit), usable in constants.
+    pub const DEFAULT: FitOptions = FitOptions {
+        nnls_sweeps: 300,
+        value_ridge: 1e-3,
+        recent_fraction: 0.25,
+        window_sinks: SINK_TOKENS,
+        fit_from: 0.0,
+        max_bias: BIAS_LIMIT,
+    };
 }
 
 /// How far a compacted head is from the full one on the reference rows `refs` (at most 1,024 of
