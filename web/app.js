@@ -137,7 +137,15 @@ async function loadCache(file) {
     $("cache-info").textContent = `${cache.name}: ${cache.context_tokens} context tokens compacted to at most ` +
       `${cache.longest_head} per KV head (${cache.method}), stored as ${cache.kv}; the prompt continues after it.`;
     $("cache-clear").disabled = false;
-    $("kv").disabled = true;
+    // The file's own format is the one used: show it in the (disabled) selector.
+    const kv = $("kv");
+    kv.querySelector("option[data-cache]")?.remove();
+    const o = new Option(`${cache.kv} (the .kvpack file's)`, cache.kv);
+    o.dataset.cache = "1";
+    kv.dataset.before ??= kv.value;
+    kv.add(o, 0);
+    kv.value = cache.kv;
+    kv.disabled = true;
     setState("ready", `Loaded ${file.name}. The prompt continues after its context.`);
   } catch (e) {
     forgetCache();
@@ -151,7 +159,10 @@ function forgetCache() {
   $("cache-info").textContent = "None: generation starts from an empty cache.";
   $("cache-clear").disabled = true;
   $("cache-file").value = "";
-  $("kv").disabled = false;
+  const kv = $("kv");
+  kv.querySelector("option[data-cache]")?.remove();
+  if (kv.dataset.before !== undefined) { kv.value = kv.dataset.before; delete kv.dataset.before; }
+  kv.disabled = false;
 }
 
 function updateEstimate() {
