@@ -1654,13 +1654,16 @@ mod job_tests {
         }
     }
 
+    /// `eval compaction --text x.txt --preset PRESET EXTRA…`, parsed.
+    fn with_preset(preset: &str, extra: &[&str]) -> CompactionArgs {
+        let mut args = vec!["t", "--text", "x.txt", "--preset", preset];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).unwrap().a
+    }
+
     #[test]
     fn the_recommended_preset_sets_unset_options_and_explicit_ones_win() {
-        let parse = |extra: &[&str]| {
-            let mut args = vec!["t", "--text", "x.txt", "--preset", "recommended"];
-            args.extend_from_slice(extra);
-            Cli::try_parse_from(args).unwrap().a
-        };
+        let parse = |extra: &[&str]| with_preset("recommended", extra);
         let a = parse(&[]);
         let o = a.fit.options();
         assert_eq!(
@@ -1726,11 +1729,7 @@ mod job_tests {
 
     #[test]
     fn the_adaptive_preset_tries_two_settings_and_explicit_options_reach_both() {
-        let parse = |extra: &[&str]| {
-            let mut args = vec!["t", "--text", "x.txt", "--preset", "adaptive"];
-            args.extend_from_slice(extra);
-            Cli::try_parse_from(args).unwrap().a
-        };
+        let parse = |extra: &[&str]| with_preset("adaptive", extra);
         let a = parse(&[]);
         // The recommended defaults for everything else.
         assert_eq!(a.fit.options(), RECOMMENDED_FIT);
@@ -1756,10 +1755,10 @@ mod job_tests {
             assert_eq!(c.selection, Selection::HighestAttention, "{}", c.name);
         }
         // Only the adaptive preset tries settings.
-        let a = Cli::try_parse_from(["t", "--text", "x.txt", "--preset", "recommended"])
-            .unwrap()
-            .a;
-        assert!(a.fit.candidates(None).is_empty());
+        assert!(with_preset("recommended", &[])
+            .fit
+            .candidates(None)
+            .is_empty());
         assert_eq!((adaptive_holdout(1024), adaptive_holdout(96)), (64, 12));
         assert_eq!((adaptive_reread(1024), adaptive_reread(96)), (256, 24));
     }
