@@ -31,9 +31,9 @@ pub struct FitArgs {
     /// am-ctx and am-ctx-window two settings tried on the context itself, `recommended` and
     /// `observation` (SnapKV's observation-window selection, values kept, β ≤ 1, recent share
     /// 0.6): each compacts the context less its last 64 tokens, and `observation` compacts the
-    /// whole context only if it recovers more of the perplexity gap than `recommended` both on
-    /// those 64 tokens and on the first 256 read again (40 of the 45 cells; compaction then
-    /// takes about 2–3x the prefill's time). Options given beside a preset override its own
+    /// whole context only if the model's perplexity after it is lower than after `recommended`
+    /// both on those 64 tokens and on the first 256 read again (40 of the 45 cells; compaction
+    /// then takes about 1.1–2.1x the prefill's time). Options given beside a preset override its own
     /// (with `adaptive`, in both settings).
     #[arg(long, value_enum)]
     preset: Option<Preset>,
@@ -498,24 +498,26 @@ pub struct Choice {
     pub seconds: f64,
 }
 
-/// One setting's gaps recovered on the held-back tail (`gap`) and the re-read head.
+/// One setting's perplexities after it compacted the context less its held-back tail: of that
+/// tail (`ppl`: what comes next) and of the context's head read again (`recall_ppl`: what it
+/// still holds).
 #[derive(Clone, Debug, Serialize)]
 pub struct Trial {
     pub setting: &'static str,
-    pub gap: f64,
-    pub recall_gap: f64,
+    pub ppl: f64,
+    pub recall_ppl: f64,
 }
 
 impl Choice {
-    /// `tried: setting gap/recall gap, …` for logs.
+    /// `chosen (…: setting ppl/recall ppl, …)` for logs.
     pub fn summary(&self) -> String {
         let trials: Vec<String> = self
             .trials
             .iter()
-            .map(|t| format!("{} {:.3}/{:.3}", t.setting, t.gap, t.recall_gap))
+            .map(|t| format!("{} {:.3}/{:.3}", t.setting, t.ppl, t.recall_ppl))
             .collect();
         format!(
-            "{} (gap on the last {} context tokens / recall gap on the first {}: {}; {:.1} s)",
+            "{} (perplexity of the last {} context tokens / of the first {} read again: {}; {:.1} s)",
             self.chosen,
             self.holdout,
             self.reread,
@@ -631,8 +633,9 @@ pub fn compact_tokens(
 /// candidate setting (the job's budgets scaled to the shorter context; one pass over the
 /// scores for all), then measure, after each result, the perplexity of the held-back tokens
 /// (what comes next) and of the context's first [`adaptive_reread`] tokens read again (what
-/// it still holds), as gaps recovered between no context and the whole shorter context, and
-/// keep the setting [`pick_setting`] picks. Only the context is read: nothing after it.
+/// it still holds), and keep the setting [`pick_setting`] picks. Only the context is read:
+/// nothing after it. The settings are compared with each other, so no reference read (no
+/// context, the whole shorter context) is needed.
 #[allow(clippy::too_many_arguments)]
 fn choose_settings(
     gpu: &Gpu,
@@ -699,17 +702,6 @@ fn choose_settings(
     ))?;
     let (tail, head) = (&context[tp..t], &context[..reread]);
     let recipe = KvRecipe::plain("f32".parse()?, sinks);
-    let clock = Instant::now();
-    let full = measure(
-        gpu,
-        model,
-        &recipe,
-        Some(&full_context(captured, &model.config, tp)),
-        tail,
-        head,
-    )?;
-    let none = measure(gpu, model, &recipe, None, tail, head)?;
-    let references_s = clock.elapsed().as_secs_f64();
     for (i, &j) in open.iter().enumerate() {
         let clock = Instant::now();
         let mut tried = Vec::with_capacity(candidates.len());
@@ -724,8 +716,8 @@ fn choose_settings(
             )?;
             tried.push(Trial {
                 setting: c.name,
-                gap: gap_recovered(none.ppl, full.ppl, m.ppl),
-                recall_gap: gap_recovered(none.recall, full.recall, m.recall),
+                ppl: m.ppl,
+                recall_ppl: m.recall,
             });
         }
         let best = pick_setting(&tried);
@@ -737,24 +729,25 @@ fn choose_settings(
             holdout,
             reread,
             trials: tried,
-            seconds: timings.context_scores_s + fits + references_s + clock.elapsed().as_secs_f64(),
+            seconds: timings.context_scores_s + fits + clock.elapsed().as_secs_f64(),
         });
     }
     Ok(choices)
 }
 
-/// The setting `--preset adaptive` keeps: the first (the default) unless another recovers
-/// more of both gaps, the held-back tokens' and the re-read's; of several that do, the one with
-/// the larger sum. A setting better on one measure and worse on the other does not replace
-/// the default: the prefix's measures are estimates, and the default is the measured one.
+/// The setting `--preset adaptive` keeps: the first (the default) unless another gives a lower
+/// perplexity on both, the held-back tokens' and the re-read's; of several that do, the one
+/// with the lower product of the two. A setting better on one measure and worse on the other
+/// does not replace the default: the prefix's measures are estimates, and the default is the
+/// measured one.
 fn pick_setting(tried: &[Trial]) -> usize {
-    let score = |t: &Trial| t.gap + t.recall_gap;
+    let score = |t: &Trial| t.ppl.ln() + t.recall_ppl.ln();
     (1..tried.len())
-        .filter(|&k| tried[k].gap > tried[0].gap && tried[k].recall_gap > tried[0].recall_gap)
-        .max_by(|&a, &b| {
+        .filter(|&k| tried[k].ppl < tried[0].ppl && tried[k].recall_ppl < tried[0].recall_ppl)
+        .min_by(|&a, &b| {
             score(&tried[a])
                 .total_cmp(&score(&tried[b]))
-                .then(b.cmp(&a))
+                .then(a.cmp(&b))
         })
         .unwrap_or(0)
 }
@@ -1765,23 +1758,24 @@ mod job_tests {
 
     #[test]
     fn another_setting_replaces_the_default_only_when_better_on_both_measures() {
-        let t = |gap: f64, recall_gap: f64| Trial {
+        let t = |ppl: f64, recall_ppl: f64| Trial {
             setting: "x",
-            gap,
-            recall_gap,
+            ppl,
+            recall_ppl,
         };
-        // Better on one, worse on the other (a larger sum, even): the default stays.
-        assert_eq!(pick_setting(&[t(0.7, 0.2), t(0.8, 0.15)]), 0);
-        assert_eq!(pick_setting(&[t(0.7, 0.2), t(0.6, 0.5)]), 0);
+        // Better on one, worse on the other (a lower product, even): the default stays.
+        assert_eq!(pick_setting(&[t(20.0, 2.0), t(15.0, 2.1)]), 0);
+        assert_eq!(pick_setting(&[t(20.0, 2.0), t(21.0, 1.2)]), 0);
         // A tie on one measure is not better.
-        assert_eq!(pick_setting(&[t(0.7, 0.2), t(0.8, 0.2)]), 0);
-        assert_eq!(pick_setting(&[t(0.7, 0.2), t(0.71, 0.21)]), 1);
-        // Of several that are better on both, the larger sum; the earlier on a tie.
+        assert_eq!(pick_setting(&[t(20.0, 2.0), t(15.0, 2.0)]), 0);
+        assert_eq!(pick_setting(&[t(20.0, 2.0), t(19.9, 1.99)]), 1);
+        // Of several that are better on both, the lower product; the earlier on a tie.
         assert_eq!(
-            pick_setting(&[t(0.5, 0.1), t(0.6, 0.2), t(0.7, 0.3), t(0.8, 0.2)]),
+            pick_setting(&[t(20.0, 2.0), t(18.0, 1.9), t(16.0, 1.5), t(10.0, 3.0)]),
             2
         );
-        assert_eq!(pick_setting(&[t(0.5, 0.1), t(0.6, 0.3), t(0.7, 0.2)]), 1);
-        assert_eq!(pick_setting(&[t(0.5, 0.1)]), 0);
+        assert_eq!(pick_setting(&[t(20.0, 2.0), t(16.0, 1.5), t(12.0, 2.0)]), 1);
+        assert_eq!(pick_setting(&[t(20.0, 2.0), t(16.0, 1.5), t(16.0, 1.5)]), 1);
+        assert_eq!(pick_setting(&[t(20.0, 2.0)]), 0);
     }
 }
