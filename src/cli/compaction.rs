@@ -33,8 +33,8 @@ pub struct FitArgs {
     /// 0.6): each compacts the context less its last 64 tokens, and `observation` compacts the
     /// whole context only if the model's perplexity after it is lower than after `recommended`
     /// both on those 64 tokens and on the first 256 read again (40 of the 45 cells; compaction
-    /// then takes about 1.1–2.1x the prefill's time). Options given beside a preset override its own
-    /// (with `adaptive`, in both settings).
+    /// then takes about 1.1–2.1x the prefill's time). Options given beside a preset override
+    /// its own (with `adaptive`, in both settings).
     #[arg(long, value_enum)]
     preset: Option<Preset>,
     /// am-window, am-mix-window, am-ctx-window: the share of each head's budget kept as an exact
