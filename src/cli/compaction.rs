@@ -70,8 +70,8 @@ pub enum Preset {
     /// profile budgets (the shipped SmolLM2 profile; uniform for other models).
     Recommended,
     /// `recommended`, or SnapKV's observation-window selection with the values kept (ridge
-    /// 1e6), β ≤ 1 and recent share 0.6 where that does better on both the context's own
-    /// held-back tail and its re-read head ([`choose_settings`]).
+    /// 1e6), β ≤ 1 and recent share 0.6 where the model's perplexity after it is lower on
+    /// both the context's own held-back tail and its re-read head.
     Adaptive,
 }
 
