@@ -483,7 +483,7 @@ pub struct CompactionRun {
 }
 
 /// What `--preset adaptive` measured for one job, on the context itself: each setting's
-/// perplexity gap recovered on the held-back tail and on the re-read head, and the one kept.
+/// perplexities on the held-back tail and on the re-read head, and the one kept.
 #[derive(Clone, Debug, Serialize)]
 pub struct Choice {
     /// The setting kept.
