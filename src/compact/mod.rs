@@ -586,10 +586,13 @@ pub fn select_h2o(ctx: &HeadScores, budget: usize) -> Vec<usize> {
 /// SnapKV: the last `obs_rows` rows of `ctx` are the observation window's queries (covering
 /// [`SNAPKV_WINDOW`] positions); their attention, summed and max-pooled over
 /// [`SNAPKV_POOL`] neighbouring keys, picks the keys before the window; the window is kept.
+/// Below twice [`SNAPKV_WINDOW`] tokens the kept window is half the budget (as H2O's recent
+/// half), so the pooled attention still picks the other half: a window filling the whole budget
+/// would drop the first tokens, which every later query attends to, and the model with them.
 pub fn select_snapkv(ctx: &HeadScores, obs_rows: usize, budget: usize) -> Vec<usize> {
     let n_k = ctx.n_k;
     let budget = budget.min(n_k);
-    let window = SNAPKV_WINDOW.min(budget).min(n_k);
+    let window = SNAPKV_WINDOW.min(budget / 2).min(n_k);
     let prefix = n_k - window;
     let pooled = observation_scores(ctx, obs_rows, prefix);
     let picked = top_n(&pooled, 0..prefix, budget - window);
@@ -621,7 +624,8 @@ fn observation_scores(refs: &HeadScores, obs_rows: usize, prefix: usize) -> Vec<
 /// SnapKV's criterion for Attention Matching: the keys before the last [`SNAPKV_WINDOW`]
 /// positions of highest pooled attention from the last `obs_rows` rows of `refs`
 /// ([`observation_scores`]), `budget` in all, always including `fixed`. With the last
-/// [`SNAPKV_WINDOW`] positions fixed these are [`select_snapkv`]'s tokens.
+/// [`SNAPKV_WINDOW`] positions fixed (a budget of at least twice that) these are
+/// [`select_snapkv`]'s tokens.
 pub fn select_observation(
     refs: &HeadScores,
     obs_rows: usize,

@@ -480,30 +480,39 @@ fn baselines_keep_the_budget_and_their_windows() {
     }
     // The late rows' own fit matches them at least as well as the fit to every row does.
     assert!(fit_error(&late_rows, &late, d) <= fit_error(&late_rows, &am_h2o, d) + 1e-9);
-    let snap = run(
-        Method::SnapKv,
-        Selection::HighestAttention,
-        &inputs,
-        40,
-        &opts,
-    )
-    .unwrap();
-    assert_eq!(snap.len(), 40);
+    let snap_at = |budget| {
+        run(
+            Method::SnapKv,
+            Selection::HighestAttention,
+            &inputs,
+            budget,
+            &opts,
+        )
+        .unwrap()
+    };
+    let snap = snap_at(2 * SNAPKV_WINDOW);
+    assert_eq!(snap.len(), 64);
     assert!((68..100).all(|p| snap.positions.contains(&p)));
+    // Below twice the window, the window is half the budget: the pooled attention picks the
+    // other half, so the first tokens are not all dropped for recent ones.
+    let snap_small = snap_at(20);
+    assert_eq!(snap_small.len(), 20);
+    assert!((90..100).all(|p| snap_small.positions.contains(&p)));
+    assert_eq!(snap_small.positions.iter().filter(|&&p| p < 68).count(), 10);
     // SnapKV's tokens, fitted: the observation selection with the last SNAPKV_WINDOW
     // positions exact and no sinks keeps exactly SnapKV's tokens, and fits the others.
     let opts_snap = FitOptions {
-        recent_fraction: SNAPKV_WINDOW as f64 / 40.0,
+        recent_fraction: 0.5,
         window_sinks: 0,
         ..FitOptions::default()
     };
-    let fitted40 = |sel| run(Method::AmCtxWindow, sel, &fitted_h2o, 40, &opts_snap).unwrap();
-    let am_snap = fitted40(Selection::Observation);
+    let fitted64 = |sel| run(Method::AmCtxWindow, sel, &fitted_h2o, 64, &opts_snap).unwrap();
+    let am_snap = fitted64(Selection::Observation);
     assert_eq!(am_snap.positions, snap.positions);
-    assert!(fitted40(Selection::Accumulated).positions != snap.positions);
-    assert!(am_snap.bias[..8].iter().any(|&b| b != 0.0));
-    assert_eq!(am_snap.values[8 * d..], snap.values[8 * d..]);
-    for h in [&st, &h2o, &snap] {
+    assert!(fitted64(Selection::Accumulated).positions != snap.positions);
+    assert!(am_snap.bias[..32].iter().any(|&b| b != 0.0));
+    assert_eq!(am_snap.values[32 * d..], snap.values[32 * d..]);
+    for h in [&st, &h2o, &snap, &snap_small] {
         assert!(h.bias.iter().all(|&b| b == 0.0));
         assert!(h.positions.windows(2).all(|w| w[0] < w[1]));
     }
