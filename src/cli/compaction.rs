@@ -568,7 +568,7 @@ pub fn compact_tokens(
     )?;
     session.start_capture(gpu, true);
     pollster::block_on(session.forward(gpu, context, Logits::Last))?;
-    let captured = session.take_capture().expect("capture started");
+    let mut captured = session.take_capture().expect("capture started");
     let prefill_s = t.elapsed().as_secs_f64();
     let needs_ref = jobs.iter().any(|j| j.method.needs_reference_queries());
     let mut repeat_s = 0.0;
@@ -590,7 +590,14 @@ pub fn compact_tokens(
         head_dim: c.head_dim,
     };
     let choices = choose_settings(
-        gpu, model, shape, &captured, context, jobs, candidates, sinks,
+        gpu,
+        model,
+        shape,
+        &mut captured,
+        context,
+        jobs,
+        candidates,
+        sinks,
     )?;
     let mut jobs = jobs.to_vec();
     for (job, choice) in jobs.iter_mut().zip(&choices) {
@@ -641,7 +648,7 @@ fn choose_settings(
     gpu: &Gpu,
     model: &Llama,
     shape: ContextShape,
-    captured: &Captured,
+    captured: &mut Captured,
     context: &[u32],
     jobs: &[Job],
     candidates: &[Candidate],
@@ -663,16 +670,6 @@ fn choose_settings(
         bail!("--preset adaptive needs a context of at least 16 tokens, got {t}");
     }
     let tp = t - holdout;
-    let cut = |x: &[Vec<f32>], per_token: usize| -> Vec<Vec<f32>> {
-        x.iter().map(|l| l[..tp * per_token].to_vec()).collect()
-    };
-    let d = shape.head_dim;
-    let prefix = Captured {
-        tokens: tp,
-        q: cut(&captured.q, shape.n_head * d),
-        k: cut(&captured.k, shape.n_kv_heads * d),
-        v: cut(&captured.v, shape.n_kv_heads * d),
-    };
     let scale = |b: usize| ((b as f64 * tp as f64 / t as f64).round() as usize).clamp(1, tp);
     let trial_jobs: Vec<Job> = open
         .iter()
@@ -691,15 +688,19 @@ fn choose_settings(
             })
         })
         .collect();
-    let (trials, timings) = pollster::block_on(compact_context(
+    // The prefix is the recording's first `tp` positions: the same buffers, no copy.
+    captured.tokens = tp;
+    let trials = pollster::block_on(compact_context(
         gpu,
         shape,
-        &prefix,
+        captured,
         None,
         &trial_jobs,
         0,
         &FitOptions::default(),
-    ))?;
+    ));
+    captured.tokens = t;
+    let (trials, timings) = trials?;
     let (tail, head) = (&context[tp..t], &context[..reread]);
     let recipe = KvRecipe::plain("f32".parse()?, sinks);
     for (i, &j) in open.iter().enumerate() {

@@ -8,7 +8,8 @@ use super::{HeadScores, Method, StoredKeys, BUDGET_FACTORS, MIN_HEAD_TOKENS, SNA
 /// Post-RoPE queries, keys and values of every layer, recorded while a model read a text.
 #[derive(Clone, Debug, Default)]
 pub struct Captured {
-    /// Tokens recorded.
+    /// Tokens recorded. Compaction reads only the first `tokens` positions of the buffers
+    /// (position-major), so a lower value stands for a prefix of the recording, without a copy.
     pub tokens: usize,
     /// Per layer, `tokens × n_head × head_dim` queries (after RoPE).
     pub q: Vec<Vec<f32>>,
