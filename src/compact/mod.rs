@@ -74,7 +74,8 @@ pub enum Method {
     AmCtxWindow,
     /// H2O: heavy hitters by accumulated attention over the context's own queries + a recent window.
     H2o,
-    /// SnapKV: keys the last [`SNAPKV_WINDOW`] positions attend to (max-pooled) + that window.
+    /// SnapKV: keys the last [`SNAPKV_WINDOW`] positions attend to (max-pooled) + that window
+    /// (its last half-budget positions below twice the window).
     SnapKv,
     /// StreamingLLM: the attention sinks + the most recent tokens.
     Streaming,
@@ -163,7 +164,8 @@ impl Method {
 
 /// Tokens at the start that StreamingLLM and `am-window` keep (the attention sinks).
 pub const SINK_TOKENS: usize = 4;
-/// SnapKV's observation window (positions at the end of the context).
+/// SnapKV's observation window (positions at the end of the context). SnapKV keeps it, or
+/// the last half of its budget where that is smaller ([`select_snapkv`]).
 pub const SNAPKV_WINDOW: usize = 32;
 /// SnapKV's max-pooling kernel over key positions.
 pub const SNAPKV_POOL: usize = 7;
