@@ -431,7 +431,8 @@ pub struct CompactionArgs {
     /// compaction per format, each measured in its own format.
     #[arg(long)]
     fit_to_kv: bool,
-    /// Print JSON.
+    /// Print JSON. Each row of kvpack's methods with baselines beside it (the same ratio and
+    /// --kv) says whether it beats every one on both measures (`beats_baselines`, `lost_to`).
     #[arg(long)]
     json: bool,
 }
@@ -464,6 +465,55 @@ struct Row {
     /// `--preset adaptive`: what the choice measured and kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     adaptive: Option<Choice>,
+    /// One of kvpack's methods: whether it keeps more than every baseline row (H2O, SnapKV,
+    /// StreamingLLM) at the same ratio and cache format on both measures ([`judge_rows`]);
+    /// absent for the baselines and where no baseline ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    beats_baselines: Option<bool>,
+    /// The baselines that keep at least as much of a measure, as "h2o: recall".
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    lost_to: Vec<String>,
+}
+
+/// Whether a row is one of the eviction baselines (H2O, SnapKV, StreamingLLM).
+fn is_baseline(key: &RowKey) -> bool {
+    key.method
+        .parse::<Method>()
+        .is_ok_and(|m| !m.is_attention_matching())
+}
+
+/// Judge each of kvpack's rows against the baseline rows of the same text at the same ratio and
+/// cache format: it beats them where its gap is higher than each baseline's on the continuation
+/// and on the recall; a tie is a loss. Rows with no baseline beside them are not judged.
+fn judge_rows(rows: &mut [Row]) {
+    for i in 0..rows.len() {
+        if is_baseline(&rows[i].key) {
+            continue;
+        }
+        let (key, gap, recall) = (
+            &rows[i].key,
+            rows[i].gap_recovered,
+            rows[i].recall_gap_recovered,
+        );
+        let peers: Vec<&Row> = rows
+            .iter()
+            .filter(|b| is_baseline(&b.key) && b.key.ratio == key.ratio && b.key.kv == key.kv)
+            .collect();
+        if peers.is_empty() {
+            continue;
+        }
+        let mut lost_to = Vec::new();
+        for b in peers {
+            if b.gap_recovered >= gap {
+                lost_to.push(format!("{}: continuation", b.key.method));
+            }
+            if b.recall_gap_recovered >= recall {
+                lost_to.push(format!("{}: recall", b.key.method));
+            }
+        }
+        rows[i].beats_baselines = Some(lost_to.is_empty());
+        rows[i].lost_to = lost_to;
+    }
 }
 
 /// What [`compact_tokens`] produced.
@@ -944,12 +994,15 @@ pub fn run(gpu_args: &GpuArgs, a: CompactionArgs) -> Result<()> {
             reports.len()
         );
         println!(
-            "{:<14} {:<11} {:<7} {:>6} {:<w$} {:>15} {:>15} {:>10}",
+            "{:<14} {:<11} {:<11} {:>6} {:<w$} {:>15} {:>15} {:>10}  texts where it beats every baseline on both",
             "method", "heads", "keys", "ratio", "kv", "gap", "recall gap", "KV bytes"
         );
         for r in &means {
+            let won = r
+                .texts_beating_baselines
+                .map_or(String::new(), |n| format!("{n} of {}", r.texts));
             println!(
-                "{:<14} {:<11} {:<7} {:>6} {:<w$} {:>6.3} ({:>6.3}) {:>6.3} ({:>6.3}) {:>10}",
+                "{:<14} {:<11} {:<11} {:>6} {:<w$} {:>6.3} ({:>6.3}) {:>6.3} ({:>6.3}) {:>10}  {won}",
                 r.key.method,
                 r.key.head_budgets,
                 r.key.selection,
@@ -1152,9 +1205,12 @@ fn evaluate_text(
                 seconds: scores_s + timings.fit_s[j] + choice.as_ref().map_or(0.0, |c| c.seconds),
                 prefill_seconds: prefill_s,
                 adaptive: choice.clone(),
+                beats_baselines: None,
+                lost_to: Vec::new(),
             });
         }
     }
+    judge_rows(&mut rows);
     Ok(TextReport {
         text: path.display().to_string(),
         full: m_full,
@@ -1224,7 +1280,7 @@ fn print_report(gpu: &Gpu, loaded: &Loaded, a: &CompactionArgs, r: &TextReport) 
         .unwrap_or(0)
         .max(8);
     println!(
-        "{:<14} {:<11} {:<7} {:>6} {:<w$} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",
+        "{:<14} {:<11} {:<11} {:>6} {:<w$} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}  against the baselines",
         "method",
         "heads",
         "keys",
@@ -1238,8 +1294,13 @@ fn print_report(gpu: &Gpu, loaded: &Loaded, a: &CompactionArgs, r: &TextReport) 
         "seconds"
     );
     for r in &r.rows {
+        let verdict = match r.beats_baselines {
+            Some(true) => "beats every one on both".to_string(),
+            Some(false) => format!("as good or better: {}", r.lost_to.join(", ")),
+            None => String::new(),
+        };
         println!(
-            "{:<14} {:<11} {:<7} {:>6} {:<w$} {:>9.3} {:>6.3} {:>9.3} {:>6.3} {:>10} {:>8.1}",
+            "{:<14} {:<11} {:<11} {:>6} {:<w$} {:>9.3} {:>6.3} {:>9.3} {:>6.3} {:>10} {:>8.1}  {verdict}",
             r.key.method,
             r.key.head_budgets,
             r.key.selection,
@@ -1278,6 +1339,10 @@ struct MeanRow {
     kv_bytes: u64,
     kv_bytes_f16_full: u64,
     texts: usize,
+    /// One of kvpack's methods judged in every text: in how many it beats every baseline on
+    /// both measures ([`judge_rows`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    texts_beating_baselines: Option<usize>,
 }
 
 fn mean_rows(reports: &[TextReport]) -> Vec<MeanRow> {
@@ -1297,6 +1362,10 @@ fn mean_rows(reports: &[TextReport]) -> Vec<MeanRow> {
                 kv_bytes: rows.iter().map(|r| r.kv_bytes).max().unwrap_or(0),
                 kv_bytes_f16_full: r0.kv_bytes_f16_full,
                 texts: rows.len(),
+                texts_beating_baselines: rows
+                    .iter()
+                    .map(|r| r.beats_baselines.map(usize::from))
+                    .sum::<Option<usize>>(),
             }
         })
         .collect()
@@ -1522,7 +1591,66 @@ mod tests {
             seconds: 1.0,
             prefill_seconds: 2.0,
             adaptive: None,
+            beats_baselines: None,
+            lost_to: Vec::new(),
         }
+    }
+
+    fn judged(method: &str, ratio: f64, gap: f64, recall_gap: f64) -> Row {
+        let mut r = row("f32", gap, recall_gap);
+        r.key.method = method.into();
+        r.key.ratio = ratio;
+        r
+    }
+
+    #[test]
+    fn kvpack_rows_are_judged_against_the_baselines_at_their_ratio_and_format() {
+        let mut rows = vec![
+            judged("am-ctx-window", 10.0, 0.80, 0.50),
+            judged("am-ctx-window", 20.0, 0.70, 0.30),
+            judged("am-ctx-window", 50.0, 0.60, 0.20),
+            judged("h2o", 10.0, 0.79, 0.49),
+            judged("snapkv", 10.0, 0.70, 0.10),
+            judged("streaming", 10.0, 0.75, 0.05),
+            judged("h2o", 20.0, 0.65, 0.30),
+            judged("streaming", 20.0, 0.71, 0.10),
+        ];
+        // The same ratio in another cache format is not a peer.
+        let mut other = judged("h2o", 10.0, 0.99, 0.99);
+        other.key.kv = "turbo4".into();
+        rows.push(other);
+        judge_rows(&mut rows);
+        assert_eq!(rows[0].beats_baselines, Some(true));
+        assert!(rows[0].lost_to.is_empty());
+        // A tie is a loss, and every measure lost is named.
+        assert_eq!(rows[1].beats_baselines, Some(false));
+        assert_eq!(rows[1].lost_to, ["h2o: recall", "streaming: continuation"]);
+        // No baseline at 50x: not judged; baselines are never judged.
+        assert_eq!(rows[2].beats_baselines, None);
+        assert!(rows[3..].iter().all(|r| r.beats_baselines.is_none()));
+
+        let json = serde_json::to_value(&rows[1]).unwrap();
+        assert_eq!(json["beats_baselines"], false);
+        assert_eq!(json["lost_to"][1], "streaming: continuation");
+        assert!(serde_json::to_value(&rows[3])
+            .unwrap()
+            .get("beats_baselines")
+            .is_none());
+    }
+
+    #[test]
+    fn mean_rows_count_the_texts_where_a_method_beats_every_baseline() {
+        let text = |gap: f64| {
+            let mut rows = vec![
+                judged("am-ctx-window", 10.0, gap, 0.5),
+                judged("h2o", 10.0, 0.7, 0.4),
+            ];
+            judge_rows(&mut rows);
+            report(rows)
+        };
+        let means = mean_rows(&[text(0.8), text(0.6), text(0.9)]);
+        assert_eq!(means[0].texts_beating_baselines, Some(2));
+        assert_eq!(means[1].texts_beating_baselines, None);
     }
 
     fn report(rows: Vec<Row>) -> TextReport {
