@@ -117,6 +117,7 @@ fn compacted_sessions_continue_from_the_context() {
                     edge: None,
                     sinks: 4,
                     seed: kvpack::kv::DEFAULT_SEED,
+                    values: false,
                 }),
                 ..Job::uniform(Method::Am, budget)
             },
@@ -130,6 +131,17 @@ fn compacted_sessions_continue_from_the_context() {
                 fit: Some(own_fit),
                 ..Job::uniform(Method::Am, budget)
             },
+            // Fitted to turbo4's stored keys, and the values refitted to turbo4's values.
+            Job {
+                fit_for: Some(FitFor {
+                    format: "turbo4".parse().unwrap(),
+                    edge: None,
+                    sinks: 4,
+                    seed: kvpack::kv::DEFAULT_SEED,
+                    values: true,
+                }),
+                ..Job::uniform(Method::Am, budget)
+            },
         ];
         let (out, timings) = pollster::block_on(compact_context(
             &gpu,
@@ -141,7 +153,7 @@ fn compacted_sessions_continue_from_the_context() {
             &FitOptions::default(),
         ))
         .unwrap();
-        assert_eq!(timings.fit_s.len(), 6);
+        assert_eq!(timings.fit_s.len(), 7);
         for (l, heads) in out[4].layers.iter().enumerate() {
             assert!(heads.iter().all(|h| h.len() == layer_sizes[l]), "layer {l}");
         }
@@ -272,6 +284,25 @@ fn compacted_sessions_continue_from_the_context() {
         assert!(moved(|h| &h.bias) && moved(|h| &h.values));
         let mut s =
             Session::from_compacted(&gpu, &model, &KvRecipe::plain(turbo, 4), stored, 8).unwrap();
+        let logits = pollster::block_on(s.forward(&gpu, next, Logits::All)).unwrap();
+        assert!(logits.iter().all(|x| x.is_finite()));
+        // The values refitted to their stored form too: the same keys and biases as the fit to
+        // stored keys, other values, and it runs in a turbo4 cache.
+        let refit = &out[6];
+        for (x, y) in refit
+            .layers
+            .iter()
+            .flatten()
+            .zip(stored.layers.iter().flatten())
+        {
+            assert_eq!((&x.positions, &x.keys), (&y.positions, &y.keys));
+            assert_eq!(x.bias, y.bias);
+        }
+        assert!((refit.layers.iter().flatten())
+            .zip(stored.layers.iter().flatten())
+            .any(|(x, y)| x.values != y.values));
+        let mut s =
+            Session::from_compacted(&gpu, &model, &KvRecipe::plain(turbo, 4), refit, 8).unwrap();
         let logits = pollster::block_on(s.forward(&gpu, next, Logits::All)).unwrap();
         assert!(logits.iter().all(|x| x.is_finite()));
         // A job's own fit options: the same result as a call given those options, the same

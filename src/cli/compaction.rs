@@ -431,6 +431,11 @@ pub struct CompactionArgs {
     /// compaction per format, each measured in its own format.
     #[arg(long)]
     fit_to_kv: bool,
+    /// With --fit-to-kv, also refit the values to the format's value codec: each kept value is
+    /// quantized in turn and the values not yet quantized take up the error it leaves in the
+    /// fitted attention outputs (GPTQ's error feedback, over tokens).
+    #[arg(long, requires = "fit_to_kv")]
+    refit_values: bool,
     /// Print JSON. Each row of kvpack's methods with baselines beside it (the same ratio and
     /// --kv) says whether it beats every one on both measures (`beats_baselines`, `lost_to`).
     #[arg(long)]
@@ -444,6 +449,8 @@ struct RowKey {
     head_budgets: String,
     selection: String,
     fitted_to_kv: bool,
+    /// `--refit-values`: the values were refitted to their stored form too.
+    refit_values: bool,
     ratio: f64,
     kv: String,
     tokens_per_head: usize,
@@ -1057,7 +1064,10 @@ fn eval_jobs(
                     };
                     if a.fit_to_kv && m.is_attention_matching() {
                         for f in formats {
-                            let fit_for = Some(FitFor::recipe(&f.1));
+                            let fit_for = Some(FitFor {
+                                values: a.refit_values,
+                                ..FitFor::recipe(&f.1)
+                            });
                             let job = Job {
                                 fit_for,
                                 ..job.clone()
@@ -1191,6 +1201,7 @@ fn evaluate_text(
                         None => "-".into(),
                     },
                     fitted_to_kv: job.fit_for.is_some(),
+                    refit_values: job.fit_for.is_some_and(|f| f.values),
                     ratio: r,
                     kv: label.clone(),
                     tokens_per_head: budget,
@@ -1409,6 +1420,12 @@ pub struct CompactArgs {
     /// the first 4 tokens in f16, as `generate --cache` loads them by default).
     #[arg(long)]
     fit_to_kv: bool,
+    /// With --fit-to-kv, also refit the values to --kv's value codec: each kept value is
+    /// quantized in turn and the values not yet quantized take up the error it leaves in the
+    /// fitted attention outputs (GPTQ's error feedback, over tokens). The file stores the
+    /// refitted values in f32; they are quantized when it is loaded in --kv's format.
+    #[arg(long, requires = "fit_to_kv")]
+    refit_values: bool,
     /// KV format the compacted tokens are stored in when the file is loaded: a format, or a
     /// recipe with sinks, a window and edge layers such as `turbo4u+s2+r14+e1` (not centered
     /// keys).
@@ -1483,7 +1500,10 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
                 context.len(),
             )?,
             selection: selection.into(),
-            fit_for: a.fit_to_kv.then_some(FitFor::recipe(&kv)),
+            fit_for: a.fit_to_kv.then_some(FitFor {
+                values: a.refit_values,
+                ..FitFor::recipe(&kv)
+            }),
             fit: None,
         }],
         &candidates,
@@ -1577,6 +1597,7 @@ mod tests {
                 head_budgets: "uniform".into(),
                 selection: "-".into(),
                 fitted_to_kv: false,
+                refit_values: false,
                 ratio: 10.0,
                 kv: kv.into(),
                 tokens_per_head: 102,

@@ -3,7 +3,7 @@
 
 use super::{allocate_budgets, compact_head, fit_error, head_scores, CompactError};
 use super::{CompactedContext, FitOptions, HeadBudgets, HeadCompaction, HeadInputs, Job};
-use super::{HeadScores, Method, StoredKeys, BUDGET_FACTORS, MIN_HEAD_TOKENS, SNAPKV_WINDOW};
+use super::{HeadScores, Method, Stored, BUDGET_FACTORS, MIN_HEAD_TOKENS, SNAPKV_WINDOW};
 
 /// Post-RoPE queries, keys and values of every layer, recorded while a model read a text.
 #[derive(Clone, Debug, Default)]
@@ -168,13 +168,15 @@ pub async fn compact_context(
         for o in out.iter_mut() {
             o.layers.push(Vec::with_capacity(nkv));
         }
-        // Per job fitted to a cache's stored keys, this layer's key codec.
-        let key_codecs: Vec<Option<(crate::codec::Codec, usize)>> = jobs
+        // Per job fitted to a cache's stored tokens, this layer's key codec (and value codec,
+        // when the values are refitted to their stored form).
+        type LayerCodecs = (crate::codec::Codec, Option<crate::codec::Codec>, usize);
+        let key_codecs: Vec<Option<LayerCodecs>> = jobs
             .iter()
             .map(|job| match job.fit_for {
                 Some(f) if job.method.is_attention_matching() => {
                     crate::kv::layer_codecs(f.format_of(l, shape.n_layer), d, f.seed, l)
-                        .map(|(k, _)| Some((k, f.sinks)))
+                        .map(|(k, v)| Some((k, f.values.then_some(v), f.sinks)))
                         .map_err(|e| CompactError::Invalid(format!("layer {l}: {e}")))
                 }
                 _ => Ok(None),
@@ -243,8 +245,9 @@ pub async fn compact_context(
                     HeadBudgets::PerLayer(b) if method.is_attention_matching() => b[l],
                     _ => job.budget,
                 };
-                let stored = key_codecs[j].as_ref().map(|(codec, sinks)| StoredKeys {
+                let stored = key_codecs[j].as_ref().map(|(codec, values, sinks)| Stored {
                     codec,
+                    values: values.as_ref(),
                     sinks: *sinks,
                 });
                 let s = now_s();

@@ -288,6 +288,10 @@ pub struct FitFor {
     pub sinks: usize,
     /// The cache's rotation seed ([`crate::kv::DEFAULT_SEED`] for sessions).
     pub seed: u64,
+    /// Also refit the values to their stored form (`--refit-values`): the values are
+    /// quantized one token at a time, and the values not yet quantized take up the error
+    /// each one leaves in the fitted outputs (GPTQ's error feedback, over tokens).
+    pub values: bool,
 }
 
 impl FitFor {
@@ -299,6 +303,7 @@ impl FitFor {
             edge: recipe.edge,
             sinks: recipe.sinks,
             seed: crate::kv::DEFAULT_SEED,
+            values: false,
         }
     }
 
@@ -308,16 +313,21 @@ impl FitFor {
     }
 }
 
-/// A head's keys as its cache will store them, for [`compact_head`].
+/// A head's kept tokens as its cache will store them, for [`compact_head`].
 #[derive(Clone, Copy)]
-pub struct StoredKeys<'a> {
+pub struct Stored<'a> {
     /// The key codec of the head's layer ([`crate::kv::layer_codecs`]).
     pub codec: &'a crate::codec::Codec,
+    /// The value codec of the head's layer, when the values are refitted to their stored form
+    /// ([`FitFor::values`]): each kept value is quantized in turn and the error it leaves in
+    /// the fitted attention outputs is taken up by the values not yet quantized
+    /// ([`quantize_values_with_feedback`]).
+    pub values: Option<&'a crate::codec::Codec>,
     /// Kept tokens stored in f16 first (the cache's sinks).
     pub sinks: usize,
 }
 
-impl StoredKeys<'_> {
+impl Stored<'_> {
     /// `keys` (`n × d`, the head's kept tokens in position order) as the cache will read them.
     pub fn seen(&self, keys: &[f32], d: usize) -> Vec<f32> {
         let exact = (self.sinks * d).min(keys.len());
@@ -804,7 +814,7 @@ pub fn fit_head(
     idx: &[usize],
     fixed: &[bool],
     opts: &FitOptions,
-    stored: Option<(&[f32], StoredKeys<'_>)>,
+    stored: Option<(&[f32], Stored<'_>)>,
 ) -> HeadCompaction {
     let mut out = HeadCompaction::keep(keys, values, d, idx);
     let free: Vec<usize> = (0..idx.len()).filter(|&c| !fixed[c]).collect();
@@ -881,7 +891,7 @@ pub fn fit_head(
         out.bias[c] = w[f].ln() as f32;
     }
     // Values: p'_ij = e_ij w_j / Σ_k e_ik w_k; p'_free · X ≈ y_i − p'_fixed · v_fixed.
-    let mut p = DMatrix::<f64>::zeros(n, free.len());
+    let mut p_all = DMatrix::<f64>::zeros(n, t);
     let mut y = DMatrix::<f64>::zeros(n, d);
     for (r, &i) in rows.iter().enumerate() {
         let erow = kept(i);
@@ -894,16 +904,15 @@ pub fn fit_head(
         }
         for (c, &j) in idx.iter().enumerate() {
             let pj = erow[c] as f64 * w_all[c] / den;
+            p_all[(r, c)] = pj;
             if fixed[c] {
                 for k in 0..d {
                     y[(r, k)] -= pj * values[j * d + k] as f64;
                 }
             }
         }
-        for (f, &c) in free.iter().enumerate() {
-            p[(r, f)] = erow[c] as f64 * w_all[c] / den;
-        }
     }
+    let p = p_all.select_columns(&free);
     let prior = DMatrix::from_fn(free.len(), d, |f, k| values[idx[free[f]] * d + k] as f64);
     let x = ridge_toward(&p, &y, &prior, opts.value_ridge);
     for (f, &c) in free.iter().enumerate() {
@@ -911,7 +920,118 @@ pub fn fit_head(
             out.values[c * d + k] = x[(f, k)] as f32;
         }
     }
+    if let Some((
+        _,
+        Stored {
+            values: Some(codec),
+            sinks,
+            ..
+        },
+    )) = stored
+    {
+        // The cache's sinks are stored in f16: exact enough to need no feedback.
+        let quantized: Vec<bool> = (0..t).map(|c| c >= sinks).collect();
+        quantize_values_with_feedback(&p_all, &mut out.values, d, fixed, &quantized, codec);
+    }
     out
+}
+
+/// GPTQ's relative damping: the Hessian's diagonal gets this share of its mean.
+const FEEDBACK_DAMPING: f64 = 0.01;
+
+/// Refits a head's kept values `values` (`t × d`) to the form the cache stores them in, so
+/// that the attention outputs P·V over the rows of `p` (`n × t`, the fit's attention weights)
+/// stay as the fit left them. Rows `c` with `quantized[c]` are encoded by `codec`; the others
+/// are stored exactly (f16 sinks). Fixed rows keep their values; their quantization error is
+/// taken up by the free rows at once. Then the free rows are quantized one at a time, the
+/// largest diagonal of H = PᵀP first (GPTQ's order), and each one's error is taken up by the
+/// free rows not yet quantized: with H⁻¹ over those rows, row k moves by −H⁻¹_kj/H⁻¹_jj times
+/// row j's error, the least-squares correction (Frantar et al., GPTQ, arXiv 2210.17323, with
+/// tokens in the place of weight columns). Each row stays in f32, as it was before its own
+/// quantization, so the cache encodes it to the code this pass chose.
+pub fn quantize_values_with_feedback(
+    p: &DMatrix<f64>,
+    values: &mut [f32],
+    d: usize,
+    fixed: &[bool],
+    quantized: &[bool],
+    codec: &crate::codec::Codec,
+) {
+    let t = p.ncols();
+    if t == 0 || d == 0 {
+        return;
+    }
+    let mut h = p.tr_mul(p);
+    let damp = FEEDBACK_DAMPING * h.diagonal().sum() / t as f64 + 1e-12;
+    for j in 0..t {
+        h[(j, j)] += damp;
+    }
+    let seen = |row: &[f32]| -> Vec<f32> {
+        match codec.encode_lossy(row) {
+            Ok((enc, _)) => codec.decode(&enc),
+            Err(_) => row.to_vec(),
+        }
+    };
+    let mut x = DMatrix::<f64>::from_fn(t, d, |c, k| values[c * d + k] as f64);
+    let free: Vec<usize> = (0..t).filter(|&c| !fixed[c]).collect();
+    if free.is_empty() {
+        return;
+    }
+    // The fixed rows' errors, taken up by every free row: Δ_U = −H_UU⁻¹ H_UF E_F.
+    let fixed_q: Vec<usize> = (0..t).filter(|&c| fixed[c] && quantized[c]).collect();
+    if !fixed_q.is_empty() {
+        let mut e = DMatrix::<f64>::zeros(fixed_q.len(), d);
+        for (r, &c) in fixed_q.iter().enumerate() {
+            let q = seen(&values[c * d..][..d]);
+            for k in 0..d {
+                e[(r, k)] = q[k] as f64 - x[(c, k)];
+            }
+        }
+        let h_uu = h.select_rows(&free).select_columns(&free);
+        let h_uf = h.select_rows(&free).select_columns(&fixed_q);
+        if let Some(ch) = h_uu.cholesky() {
+            let delta = ch.solve(&(h_uf * e));
+            for (r, &c) in free.iter().enumerate() {
+                for k in 0..d {
+                    x[(c, k)] -= delta[(r, k)];
+                }
+            }
+        }
+    }
+    // The free rows, one at a time.
+    let Some(mut hinv) = h.select_rows(&free).select_columns(&free).try_inverse() else {
+        return;
+    };
+    let mut live: Vec<bool> = vec![true; free.len()];
+    let mut order: Vec<usize> = (0..free.len()).filter(|&f| quantized[free[f]]).collect();
+    order.sort_by(|&a, &b| h[(free[b], free[b])].total_cmp(&h[(free[a], free[a])]));
+    for &f in &order {
+        let c = free[f];
+        let row: Vec<f32> = (0..d).map(|k| x[(c, k)] as f32).collect();
+        let q = seen(&row);
+        let pivot = hinv[(f, f)];
+        if pivot <= 0.0 {
+            continue;
+        }
+        live[f] = false;
+        for g in (0..free.len()).filter(|&g| live[g]) {
+            let s = hinv[(g, f)] / pivot;
+            if s == 0.0 {
+                continue;
+            }
+            for k in 0..d {
+                x[(free[g], k)] -= s * (row[k] as f64 - q[k] as f64);
+            }
+        }
+        // Drop row f from the inverse: H⁻¹ ← H⁻¹ − H⁻¹_{:f} H⁻¹_{f:} / H⁻¹_ff.
+        let col = hinv.column(f).clone_owned();
+        hinv.ger(-1.0 / pivot, &col, &col, 1.0);
+    }
+    for &c in &free {
+        for k in 0..d {
+            values[c * d + k] = x[(c, k)] as f32;
+        }
+    }
 }
 
 /// The scores one head's compaction reads.
@@ -969,7 +1089,7 @@ pub fn compact_head(
     inputs: &HeadInputs<'_>,
     budget: usize,
     opts: &FitOptions,
-    stored: Option<StoredKeys<'_>>,
+    stored: Option<Stored<'_>>,
 ) -> Result<HeadCompaction, CompactError> {
     let d = inputs.d;
     let n_k = inputs.keys.len() / d.max(1);
