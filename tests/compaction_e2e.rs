@@ -99,6 +99,18 @@ fn compacted_sessions_continue_from_the_context() {
                 }
             })
             .collect();
+        // Plain am fitted to the keys as a turbo4 cache stores them (and the values, with
+        // `values`).
+        let fit_to_turbo4 = |values| Job {
+            fit_for: Some(FitFor {
+                format: "turbo4".parse().unwrap(),
+                edge: None,
+                sinks: 4,
+                seed: kvpack::kv::DEFAULT_SEED,
+                values,
+            }),
+            ..Job::uniform(Method::Am, budget)
+        };
         let jobs = [
             Job::uniform(Method::Am, budget),
             Job::uniform(Method::Streaming, budget),
@@ -111,16 +123,7 @@ fn compacted_sessions_continue_from_the_context() {
                 fit: None,
             },
             // β and values fitted to the keys as a turbo4 cache stores them.
-            Job {
-                fit_for: Some(FitFor {
-                    format: "turbo4".parse().unwrap(),
-                    edge: None,
-                    sinks: 4,
-                    seed: kvpack::kv::DEFAULT_SEED,
-                    values: false,
-                }),
-                ..Job::uniform(Method::Am, budget)
-            },
+            fit_to_turbo4(false),
             // Per-layer budgets (a layer profile's allocation): the even layers keep fewer.
             Job {
                 head_budgets: HeadBudgets::PerLayer(layer_sizes.clone().into()),
@@ -132,16 +135,7 @@ fn compacted_sessions_continue_from_the_context() {
                 ..Job::uniform(Method::Am, budget)
             },
             // Fitted to turbo4's stored keys, and the values refitted to turbo4's values.
-            Job {
-                fit_for: Some(FitFor {
-                    format: "turbo4".parse().unwrap(),
-                    edge: None,
-                    sinks: 4,
-                    seed: kvpack::kv::DEFAULT_SEED,
-                    values: true,
-                }),
-                ..Job::uniform(Method::Am, budget)
-            },
+            fit_to_turbo4(true),
         ];
         let (out, timings) = pollster::block_on(compact_context(
             &gpu,

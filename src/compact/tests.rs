@@ -659,18 +659,47 @@ fn as_stored(h: &HeadCompaction, sk: &Stored<'_>, d: usize) -> HeadCompaction {
     }
 }
 
+/// A salient-and-null head of 256 keys (d = 32), 300 reference queries that see every key and
+/// 150 held-out ones: the fits to stored tokens are judged on it.
+struct StoredFixture {
+    t: usize,
+    d: usize,
+    s: Synthetic,
+    q_ref: Vec<f32>,
+    refs: HeadScores,
+    q_test: Vec<f32>,
+}
+
+fn stored_fixture() -> StoredFixture {
+    let (t, d) = (256, 32);
+    let s = salient_and_null(t, d, 7);
+    let q_ref = queries(300, d, 8);
+    let refs = reference_head_scores(&q_ref, &vec![t as u32; 300], &s.keys, &s.values, d).unwrap();
+    StoredFixture {
+        t,
+        d,
+        s,
+        q_ref,
+        refs,
+        q_test: queries(150, d, 9),
+    }
+}
+
 /// With 3-bit keys the scores move; β and values fitted to the keys as stored make up for a part
 /// of it (the per-query noise stays), on held-out queries too: measured 0.203 → 0.190 output
 /// error and 0.0176 → 0.0158 mean log-mass error. With f32 "quantization" the two fits agree.
 #[test]
 fn a_fit_to_stored_keys_beats_a_fit_to_exact_keys_once_they_are_quantized() {
-    let (t, d) = (256, 32);
-    let s = salient_and_null(t, d, 7);
-    let q_ref = queries(300, d, 8);
-    let refs = reference_head_scores(&q_ref, &vec![t as u32; 300], &s.keys, &s.values, d).unwrap();
+    let StoredFixture {
+        t,
+        d,
+        s,
+        q_ref,
+        refs,
+        q_test,
+    } = stored_fixture();
     let inputs = reference_inputs(&s, &refs, Some(&q_ref));
     let opts = FitOptions::default();
-    let q_test = queries(150, d, 9);
     let (y_test, m_test) = attend(&q_test, &full(&s), d);
     let codec = crate::codec::Codec::with_seed("turbo3".parse().unwrap(), d, 5).unwrap();
     let sk = Stored {
@@ -748,13 +777,16 @@ fn a_fit_to_stored_keys_beats_a_fit_to_exact_keys_once_they_are_quantized() {
 /// an f32 value codec changes nothing.
 #[test]
 fn values_refitted_to_their_stored_form_beat_values_quantized_alone() {
-    let (t, d) = (256, 32);
-    let s = salient_and_null(t, d, 7);
-    let q_ref = queries(300, d, 8);
-    let refs = reference_head_scores(&q_ref, &vec![t as u32; 300], &s.keys, &s.values, d).unwrap();
+    let StoredFixture {
+        t,
+        d,
+        s,
+        q_ref,
+        refs,
+        q_test,
+    } = stored_fixture();
     let inputs = reference_inputs(&s, &refs, Some(&q_ref));
     let opts = FitOptions::default();
-    let q_test = queries(150, d, 9);
     let (y_test, _) = attend(&q_test, &full(&s), d);
     let (y_ref, _) = attend(&q_ref, &full(&s), d);
     let f32_codec = crate::codec::Codec::with_seed("f32".parse().unwrap(), d, 5).unwrap();
