@@ -171,7 +171,7 @@ pub async fn compact_context(
         // Per job fitted to a cache's stored tokens, this layer's key codec (and value codec,
         // when the values are refitted to their stored form).
         type LayerCodecs = (crate::codec::Codec, Option<crate::codec::Codec>, usize);
-        let key_codecs: Vec<Option<LayerCodecs>> = jobs
+        let stored_codecs: Vec<Option<LayerCodecs>> = jobs
             .iter()
             .map(|job| match job.fit_for {
                 Some(f) if job.method.is_attention_matching() => {
@@ -182,7 +182,7 @@ pub async fn compact_context(
                 _ => Ok(None),
             })
             .collect::<Result<_, _>>()?;
-        let needs_queries = key_codecs.iter().any(Option::is_some);
+        let needs_queries = stored_codecs.iter().any(Option::is_some);
         for h in 0..nkv {
             let gather_kv = |x: &[f32]| -> Vec<f32> {
                 (0..t_ctx)
@@ -245,11 +245,13 @@ pub async fn compact_context(
                     HeadBudgets::PerLayer(b) if method.is_attention_matching() => b[l],
                     _ => job.budget,
                 };
-                let stored = key_codecs[j].as_ref().map(|(codec, values, sinks)| Stored {
-                    codec,
-                    values: values.as_ref(),
-                    sinks: *sinks,
-                });
+                let stored = stored_codecs[j]
+                    .as_ref()
+                    .map(|(codec, values, sinks)| Stored {
+                        codec,
+                        values: values.as_ref(),
+                        sinks: *sinks,
+                    });
                 let s = now_s();
                 let which = if method.mixes_references() {
                     &mixed_inputs

@@ -966,12 +966,13 @@ pub fn quantize_values_with_feedback(
     for j in 0..t {
         h[(j, j)] += damp;
     }
-    let seen = |row: &[f32]| -> Vec<f32> {
-        match codec.encode_lossy(row) {
-            Ok((enc, _)) => codec.decode(&enc),
-            Err(_) => row.to_vec(),
-        }
+    // One value as the codec stores it (the same encode and decode as the keys').
+    let as_stored = Stored {
+        codec,
+        values: None,
+        sinks: 0,
     };
+    let seen = |row: &[f32]| as_stored.seen(row, d);
     let mut x = DMatrix::<f64>::from_fn(t, d, |c, k| values[c * d + k] as f64);
     let free: Vec<usize> = (0..t).filter(|&c| !fixed[c]).collect();
     if free.is_empty() {

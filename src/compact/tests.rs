@@ -801,16 +801,13 @@ fn values_refitted_to_their_stored_form_beat_values_quantized_alone() {
         ..keys_exact
     };
     // The cache: the first 2 kept tokens in f16, the rest of the values in 2 bits.
-    let stored_values = |h: &HeadCompaction| {
-        let mut h = h.clone();
-        let v = &mut h.values;
-        let (sinks, rest) = v.split_at_mut(2 * d);
-        for x in sinks.iter_mut() {
-            *x = half::f16::from_f32(*x).to_f32();
-        }
-        let (enc, _) = v_codec.encode_lossy(rest).unwrap();
-        rest.copy_from_slice(&v_codec.decode(&enc));
-        h
+    let value_store = Stored {
+        codec: &v_codec,
+        ..keys_exact
+    };
+    let stored_values = |h: &HeadCompaction| HeadCompaction {
+        values: value_store.seen(&h.values, d),
+        ..h.clone()
     };
     for method in [Method::Am, Method::AmWindow] {
         let sel = Selection::HighestAttention;
