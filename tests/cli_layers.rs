@@ -4,7 +4,7 @@
 
 mod common;
 
-use kvpack::compact::LayerProfile;
+use kvpack::compact::{LayerProfile, SavedContext};
 use std::process::Command;
 
 const JURY: &str = "The Fulton County Grand Jury said Friday an investigation of Atlanta's recent \
@@ -96,6 +96,9 @@ fn a_measured_layer_profile_shares_the_tokens_of_a_compaction() {
         ],
     );
     let (_, compacted) = kvpack::compact::file::load(&out, &p.model_sha256).unwrap();
+    let SavedContext::Stored(compacted) = compacted else {
+        panic!("compact writes the tokens as the cache stores them (version 2)")
+    };
     let want = p.allocate(12, 48);
     assert_eq!(want.iter().sum::<usize>(), 12 * 30);
     for (l, heads) in compacted.layers.iter().enumerate() {
@@ -134,6 +137,12 @@ fn the_recommended_preset_compacts_with_the_shipped_profile_and_generate_continu
     );
     let (header, compacted) = kvpack::compact::file::load(&out, &sha).unwrap();
     assert_eq!(header.method, "am-ctx-window");
+    // The recipe written out in full (compact's default format and sinks), as the file's codes
+    // need it.
+    assert_eq!(header.kv, "f32+s4");
+    let SavedContext::Stored(compacted) = compacted else {
+        panic!("compact writes the tokens as the cache stores them (version 2)")
+    };
     let want = shipped.allocate(24, 96);
     assert!(
         want.iter().any(|&n| n != want[0]),

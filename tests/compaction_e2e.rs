@@ -9,7 +9,8 @@ mod common;
 use kvpack::codec::KvFormat;
 use kvpack::compact::{
     compact_context, CompactedContext, ContextShape, FitFor, FitOptions, HeadBudgets,
-    HeadCompaction, Job, Method, Selection, BUDGET_FACTORS, MIN_HEAD_TOKENS,
+    HeadCompaction, Job, Method, SavedContext, Selection, StoredContext, BUDGET_FACTORS,
+    MIN_HEAD_TOKENS,
 };
 use kvpack::kv::KvRecipe;
 use kvpack::model::llama::{Llama, Logits, Session};
@@ -189,12 +190,19 @@ fn compacted_sessions_continue_from_the_context() {
         let logits = pollster::block_on(a.forward(&gpu, next, Logits::All)).unwrap();
         assert!(logits.iter().all(|x| x.is_finite()));
         assert_eq!(a.position(), t + next.len());
-        // Saved to a .kvpack file and loaded back, the same greedy continuation; the first
-        // backend's file gives the same tokens on every backend; a damaged file and another
-        // model's hash are refused.
+        // Saved to a .kvpack file as the turbo4 cache stores it (what `kvpack compact` writes)
+        // and loaded back, the same greedy continuation; the first backend's file (its codes)
+        // gives the same tokens on every backend; a damaged file and another model's hash are
+        // refused.
+        let recipe = KvRecipe::plain(turbo, 4);
+        let fresh = Session::from_compacted(&gpu, &model, &recipe, am, 1).unwrap();
+        let stored = SavedContext::Stored(
+            pollster::block_on(StoredContext::store(&gpu, fresh.cache(), am)).unwrap(),
+        );
+        drop(fresh);
         let header = kvpack::compact::file::FileHeader {
             model_sha256: sha.clone(),
-            kv: "turbo4".into(),
+            kv: recipe.explicit(),
             method: "am".into(),
         };
         let own = std::env::temp_dir().join(format!(
@@ -202,17 +210,16 @@ fn compacted_sessions_continue_from_the_context() {
             std::process::id(),
             gpu.backend_name()
         ));
-        kvpack::compact::file::save(&own, &header, am).unwrap();
+        kvpack::compact::file::save(&own, &header, &stored).unwrap();
         if !shared.exists() {
-            kvpack::compact::file::save(&shared, &header, am).unwrap();
+            kvpack::compact::file::save(&shared, &header, &stored).unwrap();
         }
         let (h2, loaded) = kvpack::compact::file::load(&own, &sha).unwrap();
         assert_eq!(h2, header);
         std::fs::remove_file(&own).unwrap();
         let (_, first_backends) = kvpack::compact::file::load(&shared, &sha).unwrap();
-        let greedy = |cc: &CompactedContext| -> Vec<u32> {
-            let mut s =
-                Session::from_compacted(&gpu, &model, &KvRecipe::plain(turbo, 4), cc, 8).unwrap();
+        let greedy = |saved: &SavedContext| -> Vec<u32> {
+            let mut s = Session::from_saved(&gpu, &model, &recipe, saved, 8).unwrap();
             let mut logits = pollster::block_on(s.forward(&gpu, next, Logits::Last)).unwrap();
             let mut out = Vec::new();
             for _ in 0..3 {
@@ -222,7 +229,7 @@ fn compacted_sessions_continue_from_the_context() {
             }
             out
         };
-        assert_eq!(greedy(&loaded), greedy(am));
+        assert_eq!(greedy(&loaded), greedy(&SavedContext::F32(am.clone())));
         shared_tokens.push((gpu.backend_name().to_string(), greedy(&first_backends)));
         // Per-head budgets: within the job's total, each head at one of the candidate sizes,
         // and the ragged result runs.

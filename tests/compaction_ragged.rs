@@ -4,13 +4,14 @@
 //! B that keeps every token but gives A's dropped ones β = −30 (no attention weight). B is
 //! stored the ordinary way, A right-aligned with per-layer heads tables: equal logits check the
 //! slots, the masks and the biases of A's heads, in f32 and in turbo4, over a prompt chunk and
-//! greedy decoding. A's bytes are its own tokens' exactly; a `.kvpack` file of A round-trips.
+//! greedy decoding. A's bytes are its own tokens' exactly; a `.kvpack` file of A round-trips, in
+//! f32 and as the turbo4 cache's own codes.
 //! Needs data/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch-model.sh) or KVPACK_MODEL.
 
 mod common;
 
 use kvpack::codec::KvFormat;
-use kvpack::compact::{CompactedContext, HeadCompaction};
+use kvpack::compact::{CompactedContext, HeadCompaction, SavedContext, StoredContext};
 use kvpack::kv::KvRecipe;
 use kvpack::model::llama::{Llama, Logits, Session};
 use kvpack::model::sampler::Sampler;
@@ -206,27 +207,62 @@ fn ragged_compacted_contexts_continue_like_masked_uniform_ones() {
             assert_eq!(sa.position(), t + next.len() + 3);
         }
 
-        // A .kvpack file of A loads back the same, and continues the same.
+        // A .kvpack file of A loads back the same, and continues the same: version 1 (f32
+        // tokens, encoded when loaded) and version 2 (the turbo4 cache's own codes, what
+        // `kvpack compact` writes, written into the pages as they are).
+        let recipe = KvRecipe::plain("turbo4".parse().unwrap(), SINKS);
+        let stored = {
+            let s = Session::from_compacted(&gpu, &model, &recipe, &a, 1).unwrap();
+            pollster::block_on(StoredContext::store(&gpu, s.cache(), &a)).unwrap()
+        };
         let header = kvpack::compact::file::FileHeader {
             model_sha256: sha.clone(),
-            kv: "turbo4".into(),
+            kv: recipe.explicit(),
             method: "ragged-test".into(),
         };
         let path = std::env::temp_dir().join(format!(
             "kvpack-ragged-{}-{name}.kvpack",
             std::process::id()
         ));
-        kvpack::compact::file::save(&path, &header, &a).unwrap();
-        let (h2, loaded) = kvpack::compact::file::load(&path, &sha).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        assert_eq!((&h2, &loaded), (&header, &a));
-        let recipe = KvRecipe::parse_with(&h2.kv, SINKS, 0).unwrap();
-        let mut s1 = Session::from_compacted(&gpu, &model, &recipe, &loaded, 8).unwrap();
-        let mut s2 = Session::from_compacted(&gpu, &model, &recipe, &a, 8).unwrap();
-        assert_eq!(
-            continue_greedy(&mut s1, &gpu, next),
-            continue_greedy(&mut s2, &gpu, next)
-        );
+        let mut sizes = Vec::new();
+        for saved in [
+            SavedContext::F32(a.clone()),
+            SavedContext::Stored(stored.clone()),
+        ] {
+            kvpack::compact::file::save(&path, &header, &saved).unwrap();
+            sizes.push(std::fs::metadata(&path).unwrap().len());
+            let (h2, loaded) = kvpack::compact::file::load(&path, &sha).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            assert_eq!((&h2, &loaded), (&header, &saved));
+            let r2 = KvRecipe::parse_with(&h2.kv, 2, 5).unwrap();
+            assert_eq!(
+                r2, recipe,
+                "the file's recipe, whatever the caller's defaults"
+            );
+            let mut s1 = Session::from_saved(&gpu, &model, &r2, &loaded, 8).unwrap();
+            let mut s2 = Session::from_compacted(&gpu, &model, &recipe, &a, 8).unwrap();
+            assert_eq!(s1.cache().bytes(), s2.cache().bytes());
+            assert_eq!(
+                continue_greedy(&mut s1, &gpu, next),
+                continue_greedy(&mut s2, &gpu, next)
+            );
+        }
+        // The codes take 4.25 bits a number where version 1 takes 32.
+        assert!(sizes[1] * 5 < sizes[0], "file sizes {sizes:?}");
+        // Loaded into a cache of another capacity, the codes read back unchanged.
+        let s3 = Session::from_stored(&gpu, &model, &recipe, &stored, 40).unwrap();
+        let again = pollster::block_on(StoredContext::store(&gpu, s3.cache(), &a)).unwrap();
+        assert_eq!(again, stored);
+        // Codes read with another recipe than the one that stored them are refused, not
+        // misread; a cache with tokens appended since its load does not read back as stored.
+        let err = Session::from_stored(&gpu, &model, &KvRecipe::plain(f32_fmt, SINKS), &stored, 8)
+            .err()
+            .expect("turbo4 codes in an f32 cache")
+            .to_string();
+        assert!(err.contains("words of keys"), "{err}");
+        let mut s4 = Session::from_stored(&gpu, &model, &recipe, &stored, 8).unwrap();
+        continue_greedy(&mut s4, &gpu, next);
+        assert!(pollster::block_on(s4.cache().read_stored(&gpu)).is_err());
 
         // A head that keeps fewer tokens than the sinks is refused, with the head named.
         let mut short = a.clone();

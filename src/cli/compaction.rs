@@ -8,7 +8,7 @@ use clap::Args;
 use kvpack::codec::KvFormat;
 use kvpack::compact::{
     compact_context, Captured, CompactTimings, CompactedContext, ContextShape, FitFor, FitOptions,
-    HeadBudgets, HeadCompaction, Job, LayerProfile, Method, Selection,
+    HeadBudgets, HeadCompaction, Job, LayerProfile, Method, SavedContext, Selection, StoredContext,
 };
 use kvpack::gpu::Gpu;
 use kvpack::kv::KvRecipe;
@@ -1417,18 +1417,19 @@ pub struct CompactArgs {
     #[arg(long, value_enum)]
     selection: Option<SelectionArg>,
     /// Attention Matching fits β and the values to the keys as --kv stores them (quantized;
-    /// the first 4 tokens in f16, as `generate --cache` loads them by default).
+    /// its f16 sinks in f16), as the file holds them.
     #[arg(long)]
     fit_to_kv: bool,
     /// With --fit-to-kv, also refit the values to --kv's value codec: each kept value is
     /// quantized in turn and the values not yet quantized take up the error it leaves in the
     /// fitted attention outputs (GPTQ's error feedback, over tokens). The file stores the
-    /// refitted values in f32; they are quantized when it is loaded in --kv's format.
+    /// refitted values as --kv's codes.
     #[arg(long, requires = "fit_to_kv")]
     refit_values: bool,
-    /// KV format the compacted tokens are stored in when the file is loaded: a format, or a
-    /// recipe with sinks, a window and edge layers such as `turbo4u+s2+r14+e1` (not centered
-    /// keys).
+    /// KV format of the compacted tokens: a format (with 4 f16 sinks), or a recipe with sinks,
+    /// a window and edge layers such as `turbo4u+s2+r14+e1` (not centered keys). The file holds
+    /// the tokens as this cache stores them (its codes and scales), so it is about the size of
+    /// the cache, and `generate --cache` loads the same codes on every backend.
     #[arg(long, default_value = "f32")]
     kv: String,
     /// Reference-query positions per KV head (Attention Matching).
@@ -1514,24 +1515,32 @@ pub fn run_compact(gpu_args: &GpuArgs, a: CompactArgs) -> Result<()> {
     )?;
     let sha = kvpack::model::fetch::sha256_file(&loaded.path)
         .with_context(|| format!("hashing {}", loaded.path.display()))?;
+    // The file holds the tokens as this recipe's cache stores them: load them into a session's
+    // cache (the same encode as any session's), read the codes back.
+    let compacted = &run.compacted[0];
+    let session = Session::from_compacted(&gpu, &loaded.model, &kv, compacted, 1)?;
+    let stored = pollster::block_on(StoredContext::store(&gpu, session.cache(), compacted))?;
     let header = kvpack::compact::file::FileHeader {
         model_sha256: sha,
-        kv: kv_label.clone(),
+        kv: kv.explicit(),
         method: method.to_string(),
     };
-    kvpack::compact::file::save(&a.out, &header, &run.compacted[0])?;
+    kvpack::compact::file::save(&a.out, &header, &SavedContext::Stored(stored))?;
     let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    let kv_bytes = session.cache().bytes();
+    let f16_bytes = loaded.model.config.kv_bytes_f16(context.len());
     let setting = match &run.choices[0] {
         Some(c) => format!(", setting {}", c.chosen),
         None => String::new(),
     };
     println!(
-        "{}: {} context tokens → {budget} per KV head ({method}{setting}, {:.1}x); prefill {:.1} s, compaction {:.1} s; file {bytes} bytes (f32 tokens; stored as {kv_label} when loaded)",
+        "{}: {} context tokens → {budget} per KV head ({method}{setting}, {:.1}x); prefill {:.1} s, compaction {:.1} s; KV cache {kv_bytes} bytes in {kv_label} against {f16_bytes} for the f16 cache of the whole context ({:.1}x fewer); file {bytes} bytes",
         a.out.display(),
         context.len(),
         context.len() as f64 / budget as f64,
         run.prefill_s,
         t.elapsed().as_secs_f64() - run.prefill_s,
+        f16_bytes as f64 / kv_bytes.max(1) as f64,
     );
     Ok(())
 }

@@ -144,7 +144,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
         );
     }
     // With --cache: the compacted context (to report what it saves).
-    let mut compacted_from: Option<kvpack::compact::CompactedContext> = None;
+    let mut compacted_from: Option<kvpack::compact::SavedContext> = None;
     let mut session = match &a.cache {
         Some(path) => {
             let sha = kvpack::model::fetch::sha256_file(&loaded.path)
@@ -152,7 +152,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
             let (header, compacted) = kvpack::compact::file::load(path, &sha)?;
             kv = KvRecipe::parse_with(&header.kv, a.sinks, a.recent)?;
             kv.validate_dim(model.config.head_dim)?;
-            let session = Session::from_compacted(&gpu, model, &kv, &compacted, a.context)?;
+            let session = Session::from_saved(&gpu, model, &kv, &compacted, a.context)?;
             compacted_from = Some(compacted);
             session
         }
@@ -186,7 +186,7 @@ pub fn run(gpu_args: &GpuArgs, a: GenerateArgs) -> Result<()> {
     // tokens: what the compaction saves.
     let full = compacted_from.map(|c| {
         let tokens = c.uncompacted_tokens(cache.len());
-        (c.context_len, tokens, model.config.kv_bytes_f16(tokens))
+        (c.context_len(), tokens, model.config.kv_bytes_f16(tokens))
     });
     if a.json {
         let mut j = serde_json::json!({

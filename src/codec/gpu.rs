@@ -50,6 +50,72 @@ pub fn scale_base(format: &VecFormat, d: usize, capacity: usize) -> usize {
     capacity * format.code_words(d)
 }
 
+/// Half `k` of the f16 region that starts at word `base` (low 16 bits for even `k`).
+fn half_at(words: &[u32], base: usize, k: usize) -> u32 {
+    (words[base + k / 2] >> (16 * (k % 2))) & 0xffff
+}
+
+fn set_half(words: &mut [u32], base: usize, k: usize, h: u32) {
+    let w = &mut words[base + k / 2];
+    let shift = 16 * (k % 2);
+    *w = (*w & !(0xffff << shift)) | (h << shift);
+}
+
+/// Vectors `[first, first + n)` of a page that holds `capacity` vectors, as a page of exactly
+/// `n` (docs/formats.md: their codes, then their scales), bit for bit.
+pub fn page_run(
+    page: &[u32],
+    format: &VecFormat,
+    d: usize,
+    capacity: usize,
+    first: usize,
+    n: usize,
+) -> Vec<u32> {
+    assert!(first + n <= capacity && page.len() >= page_words(format, d, capacity));
+    let (cw, sh) = (format.code_words(d), format.scale_halves(d));
+    let mut run = vec![0u32; page_words(format, d, n)];
+    run[..n * cw].copy_from_slice(&page[first * cw..(first + n) * cw]);
+    let base = scale_base(format, d, capacity);
+    for k in 0..n * sh {
+        set_half(&mut run, n * cw, k, half_at(page, base, first * sh + k));
+    }
+    run
+}
+
+/// Write `run`, a page of exactly `n` vectors ([`page_run`]), into vectors `[first, first + n)`
+/// of `page`, a page that holds `capacity` vectors; the page's other vectors are untouched.
+/// Refused when `run` is not `n` vectors of `format` or they do not fit.
+pub fn put_page_run(
+    page: &mut [u32],
+    format: &VecFormat,
+    d: usize,
+    capacity: usize,
+    first: usize,
+    n: usize,
+    run: &[u32],
+) -> Result<(), String> {
+    if run.len() != page_words(format, d, n) {
+        return Err(format!(
+            "{} words for {n} vectors of {format} (d = {d}), which take {}",
+            run.len(),
+            page_words(format, d, n)
+        ));
+    }
+    if first + n > capacity || page.len() < page_words(format, d, capacity) {
+        return Err(format!(
+            "vectors {first}..{} in a page of {capacity}",
+            first + n
+        ));
+    }
+    let (cw, sh) = (format.code_words(d), format.scale_halves(d));
+    page[first * cw..(first + n) * cw].copy_from_slice(&run[..n * cw]);
+    let base = scale_base(format, d, capacity);
+    for k in 0..n * sh {
+        set_half(page, base, first * sh + k, half_at(run, n * cw, k));
+    }
+    Ok(())
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct EncodeParams {

@@ -683,3 +683,50 @@ fn seeds_fix_the_instance() {
     assert_eq!(a, codec("turbo3", d, 1).encode(&xs).unwrap());
     assert_ne!(a, codec("turbo3", d, 2).encode(&xs).unwrap());
 }
+
+/// A run of vectors cut out of a page ([`gpu::page_run`]) is those vectors encoded alone, and
+/// written into a page of another capacity ([`gpu::put_page_run`]) it reads back the same, the
+/// page's other vectors untouched: the layout a `.kvpack` file stores a cache's codes in.
+#[test]
+fn page_runs_are_the_vectors_encoded_alone_and_move_between_capacities() {
+    let d = 64;
+    for (i, name) in [
+        "f16", "q8_0", "q4_0", "turbo3", "turbo2u", "turbo3p", "turbo2.5",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let format = f(name);
+        let codec = Codec::with_seed(format, d, 7 + i as u64).unwrap();
+        let (m, first, n) = (13, 3, 7);
+        let xs = random_vectors(100 + i as u64, m, d);
+        let page = codec.encode(&xs).unwrap().words;
+        let run = gpu::page_run(&page, &format, d, m, first, n);
+        let alone = codec.encode(&xs[first * d..(first + n) * d]).unwrap().words;
+        assert_eq!(run, alone, "{name}: a run is its vectors encoded alone");
+
+        // Into a larger page at an odd slot, over a page of other codes.
+        let cap = 20;
+        let other = codec.encode(&random_vectors(200, cap, d)).unwrap().words;
+        let mut big = other.clone();
+        gpu::put_page_run(&mut big, &format, d, cap, 5, n, &run).unwrap();
+        assert_eq!(gpu::page_run(&big, &format, d, cap, 5, n), run, "{name}");
+        for j in (0..cap).filter(|j| !(5..5 + n).contains(j)) {
+            assert_eq!(
+                gpu::page_run(&big, &format, d, cap, j, 1),
+                gpu::page_run(&other, &format, d, cap, j, 1),
+                "{name}: vector {j} is not in the run and must not change"
+            );
+        }
+        let back = codec.decode(&Encoded {
+            n,
+            d,
+            words: gpu::page_run(&big, &format, d, cap, 5, n),
+        });
+        assert_eq!(back, codec.decode(&Encoded { n, d, words: alone }));
+
+        // Wrong lengths and places are refused.
+        assert!(gpu::put_page_run(&mut big, &format, d, cap, 5, n + 1, &run).is_err());
+        assert!(gpu::put_page_run(&mut big, &format, d, cap, cap - 2, n, &run).is_err());
+    }
+}

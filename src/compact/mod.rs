@@ -21,6 +21,7 @@ pub mod file;
 mod fit;
 mod scores;
 
+pub use crate::kv::StoredHead;
 pub use budgets::LayerProfile;
 pub use context::{compact_context, Captured, CompactTimings, ContextShape};
 
@@ -560,6 +561,125 @@ impl CompactedContext {
     /// saves against.
     pub fn uncompacted_tokens(&self, cache_len: usize) -> usize {
         self.context_len + cache_len.saturating_sub(self.max_len())
+    }
+}
+
+/// One KV head of a compacted context as a cache stores it: its kept tokens' original
+/// positions, their biases β and their codes ([`StoredHead`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredCompaction {
+    /// Original positions of the kept tokens.
+    pub positions: Vec<u32>,
+    /// β per kept token.
+    pub bias: Vec<f32>,
+    /// The tokens' keys and values as the cache stores them.
+    pub stored: StoredHead,
+}
+
+impl StoredCompaction {
+    /// Tokens kept.
+    pub fn len(&self) -> usize {
+        self.stored.tokens
+    }
+
+    /// Whether the head keeps no token.
+    pub fn is_empty(&self) -> bool {
+        self.stored.tokens == 0
+    }
+}
+
+/// A compacted context as a cache of one recipe stores it: what a `.kvpack` file holds, loaded
+/// by [`crate::model::llama::Session::from_stored`] into the same cache without encoding anything
+/// again (the same codes on every adapter). [`StoredContext::store`] reads it from a cache.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredContext {
+    /// Tokens of the original context; new tokens continue at this position.
+    pub context_len: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// The rotation seed of the cache that stored it; the codes read back only with it.
+    pub seed: u64,
+    /// `layers[l][h]`.
+    pub layers: Vec<Vec<StoredCompaction>>,
+}
+
+impl StoredContext {
+    /// `c` as `cache` stores it: `cache` is a session's cache just loaded with `c`
+    /// ([`crate::model::llama::Session::from_compacted`]), read back ([`crate::kv::KvCache::read_stored`]).
+    pub async fn store(
+        gpu: &crate::gpu::Gpu,
+        cache: &crate::kv::KvCache,
+        c: &CompactedContext,
+    ) -> Result<StoredContext, crate::kv::KvError> {
+        let heads = cache.read_stored(gpu).await?;
+        let layers = c
+            .layers
+            .iter()
+            .zip(heads)
+            .map(|(hcs, stored)| {
+                hcs.iter()
+                    .zip(stored)
+                    .map(|(hc, stored)| StoredCompaction {
+                        positions: hc.positions.clone(),
+                        bias: hc.bias.clone(),
+                        stored,
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(StoredContext {
+            context_len: c.context_len,
+            head_dim: c.head_dim,
+            seed: cache.config().seed,
+            layers,
+        })
+    }
+
+    /// Tokens kept by the longest head.
+    pub fn max_len(&self) -> usize {
+        let lens = self.layers.iter().flatten().map(|h| h.stored.tokens);
+        lens.max().unwrap_or(0)
+    }
+}
+
+/// What a `.kvpack` file holds: the compacted tokens in f32 (version 1; the KV format applies
+/// when loaded) or as a cache stores them (version 2).
+#[derive(Clone, Debug, PartialEq)]
+pub enum SavedContext {
+    /// Keys, values and biases in f32.
+    F32(CompactedContext),
+    /// Codes as the cache of the file's recipe stores them.
+    Stored(StoredContext),
+}
+
+impl SavedContext {
+    /// Tokens of the original context.
+    pub fn context_len(&self) -> usize {
+        match self {
+            SavedContext::F32(c) => c.context_len,
+            SavedContext::Stored(c) => c.context_len,
+        }
+    }
+
+    /// Tokens kept by the longest head.
+    pub fn max_len(&self) -> usize {
+        match self {
+            SavedContext::F32(c) => c.max_len(),
+            SavedContext::Stored(c) => c.max_len(),
+        }
+    }
+
+    /// Kept tokens summed over layers and heads.
+    pub fn total_tokens(&self) -> usize {
+        match self {
+            SavedContext::F32(c) => c.total_tokens(),
+            SavedContext::Stored(c) => c.layers.iter().flatten().map(|h| h.stored.tokens).sum(),
+        }
+    }
+
+    /// [`CompactedContext::uncompacted_tokens`].
+    pub fn uncompacted_tokens(&self, cache_len: usize) -> usize {
+        self.context_len() + cache_len.saturating_sub(self.max_len())
     }
 }
 

@@ -29,7 +29,7 @@ mod recipe;
 pub use recipe::{EdgeLayers, KvRecipe};
 
 use crate::attention::{KvPages, Recent, ValueStore, SPLIT_TOKENS};
-use crate::codec::gpu::{page_words, EncodeArgs, GpuCodec, Input};
+use crate::codec::gpu::{page_run, page_words, put_page_run, EncodeArgs, GpuCodec, Input};
 use crate::codec::{Codec, CodecError, KvFormat, VecFormat};
 use crate::gpu::{grid, Batch, Binding, Gpu, GpuError, GpuVec};
 
@@ -45,6 +45,23 @@ pub struct HeadTokens<'a> {
     pub keys: &'a [f32],
     /// Values, token-major.
     pub values: &'a [f32],
+}
+
+/// One KV head of a compacted context as a cache stores it ([`KvCache::read_stored`],
+/// [`KvCache::load_stored`]): its tokens' codes and scales, bit for bit, in the layout of
+/// docs/formats.md (a run of exactly as many vectors as it holds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredHead {
+    /// Tokens the head keeps, its sinks included.
+    pub tokens: usize,
+    /// Keys of the tokens past the sinks, in the layer's key format.
+    pub keys: Vec<u32>,
+    /// Values of the tokens past the sinks, in the layer's value format.
+    pub values: Vec<u32>,
+    /// Keys of the first `min(tokens, sinks)` tokens, f16.
+    pub sink_keys: Vec<u32>,
+    /// Values of the sinks, f16 in the value codec's rotated domain.
+    pub sink_values: Vec<u32>,
 }
 
 /// Errors of the KV cache.
@@ -527,23 +544,10 @@ impl KvCache {
         Ok(())
     }
 
-    /// Load an empty cache with a compacted context whose heads may keep different numbers of
-    /// tokens: `tokens[l][h]` are head `h` of layer `l`'s tokens in position order. With `tmax`
-    /// the longest head, the cache's length becomes `tmax` and every head is right-aligned (see
-    /// the module docs), so the next token is appended at position `tmax` in every head. Each
-    /// head's first `sinks` tokens go to the f16 sink pages, the rest are quantized into the
-    /// pages. Heads of different lengths must each keep at least the `sinks` tokens; the cache
-    /// may not have centered keys. With a window of recent tokens, every loaded token is in the
-    /// pages (or the sinks), and the window fills with the tokens appended after the load: a
-    /// query's window reaches back only as far as those.
-    pub fn load_ragged(
-        &mut self,
-        gpu: &Gpu,
-        tokens: &[Vec<HeadTokens<'_>>],
-        status: &GpuVec<u32>,
-    ) -> Result<(), KvError> {
-        let c = self.config.clone();
-        let d = c.head_dim;
+    /// Refuse a load into this cache unless it is empty, has no centered keys, and `heads` (KV
+    /// heads per layer) matches its layers and heads.
+    fn check_shape(&self, heads: Vec<usize>) -> Result<(), KvError> {
+        let c = &self.config;
         let bad = |what: String| Err(KvError::Config(what));
         if self.len > 0 {
             return bad(format!(
@@ -554,29 +558,22 @@ impl KvCache {
         if c.center_keys {
             return bad("a ragged load takes a cache without centered keys".into());
         }
-        if tokens.len() != c.n_layer || tokens.iter().any(|l| l.len() != c.n_kv_heads) {
+        if heads.len() != c.n_layer || heads.iter().any(|&h| h != c.n_kv_heads) {
             return bad(format!(
-                "{} layers of {:?} heads given for a cache of {} layers × {} KV heads",
-                tokens.len(),
-                tokens.iter().map(|l| l.len()).collect::<Vec<_>>(),
+                "{} layers of {heads:?} heads given for a cache of {} layers × {} KV heads",
+                heads.len(),
                 c.n_layer,
                 c.n_kv_heads
             ));
         }
-        let mut lens = vec![vec![0usize; c.n_kv_heads]; c.n_layer];
-        for (l, layer) in tokens.iter().enumerate() {
-            for (h, ht) in layer.iter().enumerate() {
-                if ht.keys.len() % d != 0 || ht.values.len() != ht.keys.len() {
-                    return bad(format!(
-                        "layer {l} head {h}: {} key and {} value floats are not the same whole \
-                         number of {d}-vectors",
-                        ht.keys.len(),
-                        ht.values.len()
-                    ));
-                }
-                lens[l][h] = ht.keys.len() / d;
-            }
-        }
+        Ok(())
+    }
+
+    /// The common part of a ragged load of `lens[l][h]` tokens per layer and head: check they
+    /// fit, set the heads' offsets and tables, and count the tokens as stored (in the pages and
+    /// the sinks, none in the window). Returns the longest head's length.
+    fn prepare_load(&mut self, gpu: &Gpu, lens: &[Vec<usize>]) -> Result<usize, KvError> {
+        let c = self.config.clone();
         let tmax = lens.iter().flatten().copied().max().unwrap_or(0);
         if tmax > c.capacity {
             return Err(KvError::Full {
@@ -589,12 +586,12 @@ impl KvCache {
         if ragged {
             for (l, layer) in lens.iter().enumerate() {
                 if let Some((h, &t)) = layer.iter().enumerate().find(|&(_, &t)| t < c.sinks) {
-                    return bad(format!(
+                    return Err(KvError::Config(format!(
                         "layer {l} head {h} keeps {t} tokens, fewer than the {} attention sinks: \
                          when heads keep different numbers of tokens, every head keeps at least \
                          the sinks (keep more tokens, or use fewer sinks)",
                         c.sinks
-                    ));
+                    )));
                 }
             }
             if self.layer_heads.is_empty() {
@@ -613,6 +610,185 @@ impl KvCache {
         let first = self.begin(gpu, tmax, true)?;
         debug_assert_eq!(first, 0);
         self.loaded = Some(tmax);
+        Ok(tmax)
+    }
+
+    /// Where head `h` of layer `l` of a freshly loaded cache keeps its tokens: `(tokens, first
+    /// page slot of those past the sinks, how many of those, sink tokens)`.
+    fn loaded_head(&self, l: usize, h: usize) -> (usize, usize, usize, usize) {
+        let c = &self.config;
+        let t = self.head_len(l, h);
+        let n_sink = c.sinks.min(t);
+        (
+            t,
+            h * c.capacity + self.offset(l, h) + c.sinks,
+            t - n_sink,
+            n_sink,
+        )
+    }
+
+    /// Every head of a cache just loaded by [`KvCache::load_ragged`] or
+    /// [`KvCache::load_stored`] (nothing appended since), read back as stored: `[layer][head]`,
+    /// each head's codes and scales bit for bit ([`StoredHead`]). Loading them into another
+    /// cache of the same recipe and rotation seed with [`KvCache::load_stored`] gives this one,
+    /// whatever its capacity or adapter: nothing is encoded again.
+    pub async fn read_stored(&self, gpu: &Gpu) -> Result<Vec<Vec<StoredHead>>, KvError> {
+        let c = &self.config;
+        if self.loaded != Some(self.len) {
+            return Err(KvError::Config(
+                "only a cache just loaded with a compacted context reads back as stored \
+                 (tokens were appended since, or none were loaded)"
+                    .into(),
+            ));
+        }
+        let d = c.head_dim;
+        let (slots, sink_slots) = (c.n_kv_heads * c.capacity, c.n_kv_heads * c.sinks);
+        let mut out = Vec::with_capacity(c.n_layer);
+        for (l, lc) in self.layers.iter().enumerate() {
+            let f = c.format_of(l);
+            let (kp, vp) = (gpu.read(&lc.k_page).await?, gpu.read(&lc.v_page).await?);
+            let (skp, svp) = if c.sinks > 0 {
+                (
+                    gpu.read(&lc.sink_k_page).await?,
+                    gpu.read(&lc.sink_v_page).await?,
+                )
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let heads = (0..c.n_kv_heads)
+                .map(|h| {
+                    let (tokens, first, n, n_sink) = self.loaded_head(l, h);
+                    let sink = |page: &[u32]| {
+                        page_run(page, &VecFormat::F16, d, sink_slots, h * c.sinks, n_sink)
+                    };
+                    StoredHead {
+                        tokens,
+                        keys: page_run(&kp, &f.k, d, slots, first, n),
+                        values: page_run(&vp, &f.v, d, slots, first, n),
+                        sink_keys: if n_sink > 0 { sink(&skp) } else { Vec::new() },
+                        sink_values: if n_sink > 0 { sink(&svp) } else { Vec::new() },
+                    }
+                })
+                .collect();
+            out.push(heads);
+        }
+        Ok(out)
+    }
+
+    /// Load an empty cache with a compacted context as another cache of the same recipe and
+    /// rotation seed stored it ([`KvCache::read_stored`]): every head's codes and scales are
+    /// written into this cache's pages as they are, so the cache holds exactly what the other
+    /// held. The heads are placed as [`KvCache::load_ragged`] places them; runs of the wrong
+    /// length for this cache's formats are refused.
+    pub fn load_stored(&mut self, gpu: &Gpu, heads: &[Vec<StoredHead>]) -> Result<(), KvError> {
+        self.check_shape(heads.iter().map(|l| l.len()).collect())?;
+        let c = self.config.clone();
+        let d = c.head_dim;
+        let lens: Vec<Vec<usize>> = heads
+            .iter()
+            .map(|l| l.iter().map(|s| s.tokens).collect())
+            .collect();
+        // Check every run before anything is counted as stored.
+        for (l, layer) in heads.iter().enumerate() {
+            let f = c.format_of(l);
+            for (h, s) in layer.iter().enumerate() {
+                let n_sink = c.sinks.min(s.tokens);
+                let n = s.tokens - n_sink;
+                let want = [
+                    (&s.keys, page_words(&f.k, d, n), "keys"),
+                    (&s.values, page_words(&f.v, d, n), "values"),
+                    (&s.sink_keys, n_sink * d / 2, "sink keys"),
+                    (&s.sink_values, n_sink * d / 2, "sink values"),
+                ];
+                if let Some((got, w, what)) = want.iter().find(|(got, w, _)| got.len() != *w) {
+                    return Err(KvError::Config(format!(
+                        "layer {l} head {h}: {} words of {what} for {} tokens stored as {f} \
+                         with {} sinks (head_dim {d}), which take {w}",
+                        got.len(),
+                        s.tokens,
+                        c.sinks
+                    )));
+                }
+            }
+        }
+        self.prepare_load(gpu, &lens)?;
+        let (slots, sink_slots) = (c.n_kv_heads * c.capacity, c.n_kv_heads * c.sinks);
+        let put = |page: &mut Vec<u32>, f: &VecFormat, cap, first, n, run: &[u32]| {
+            put_page_run(page, f, d, cap, first, n, run).map_err(KvError::Config)
+        };
+        for (l, layer) in heads.iter().enumerate() {
+            let f = c.format_of(l);
+            let lc = &self.layers[l];
+            let mut kp = vec![0u32; page_words(&f.k, d, slots)];
+            let mut vp = vec![0u32; page_words(&f.v, d, slots)];
+            let mut skp = vec![0u32; lc.sink_k_page.len()];
+            let mut svp = vec![0u32; lc.sink_v_page.len()];
+            for (h, s) in layer.iter().enumerate() {
+                let (_, first, n, n_sink) = self.loaded_head(l, h);
+                put(&mut kp, &f.k, slots, first, n, &s.keys)?;
+                put(&mut vp, &f.v, slots, first, n, &s.values)?;
+                if n_sink > 0 {
+                    let at = h * c.sinks;
+                    put(
+                        &mut skp,
+                        &VecFormat::F16,
+                        sink_slots,
+                        at,
+                        n_sink,
+                        &s.sink_keys,
+                    )?;
+                    put(
+                        &mut svp,
+                        &VecFormat::F16,
+                        sink_slots,
+                        at,
+                        n_sink,
+                        &s.sink_values,
+                    )?;
+                }
+            }
+            lc.k_page.write(gpu, &kp);
+            lc.v_page.write(gpu, &vp);
+            lc.sink_k_page.write(gpu, &skp);
+            lc.sink_v_page.write(gpu, &svp);
+        }
+        Ok(())
+    }
+
+    /// Load an empty cache with a compacted context whose heads may keep different numbers of
+    /// tokens: `tokens[l][h]` are head `h` of layer `l`'s tokens in position order. With `tmax`
+    /// the longest head, the cache's length becomes `tmax` and every head is right-aligned (see
+    /// the module docs), so the next token is appended at position `tmax` in every head. Each
+    /// head's first `sinks` tokens go to the f16 sink pages, the rest are quantized into the
+    /// pages. Heads of different lengths must each keep at least the `sinks` tokens; the cache
+    /// may not have centered keys. With a window of recent tokens, every loaded token is in the
+    /// pages (or the sinks), and the window fills with the tokens appended after the load: a
+    /// query's window reaches back only as far as those.
+    pub fn load_ragged(
+        &mut self,
+        gpu: &Gpu,
+        tokens: &[Vec<HeadTokens<'_>>],
+        status: &GpuVec<u32>,
+    ) -> Result<(), KvError> {
+        let c = self.config.clone();
+        let d = c.head_dim;
+        let bad = |what: String| Err(KvError::Config(what));
+        self.check_shape(tokens.iter().map(|l| l.len()).collect())?;
+        let mut lens = vec![vec![0usize; c.n_kv_heads]; c.n_layer];
+        for (l, layer) in tokens.iter().enumerate() {
+            for (h, ht) in layer.iter().enumerate() {
+                if ht.keys.len() % d != 0 || ht.values.len() != ht.keys.len() {
+                    return bad(format!(
+                        "layer {l} head {h}: {} key and {} value floats are not the same whole \
+                         number of {d}-vectors",
+                        ht.keys.len(),
+                        ht.values.len()
+                    ));
+                }
+                lens[l][h] = ht.keys.len() / d;
+            }
+        }
+        let tmax = self.prepare_load(gpu, &lens)?;
         let slots = c.n_kv_heads * c.capacity;
         for (l, layer) in tokens.iter().enumerate() {
             // Head-major: head h's tokens from vector `at[h]` on.

@@ -80,6 +80,18 @@ impl KvRecipe {
         }
     }
 
+    /// The recipe written out so that it parses back to itself whatever the defaults of
+    /// [`KvRecipe::parse_with`]: as it prints, with `+s0` added when it would print as a plain
+    /// format (which would take the caller's sinks and window).
+    pub fn explicit(&self) -> String {
+        let s = self.to_string();
+        if s.contains('+') || self.preset.is_some() {
+            s
+        } else {
+            format!("{s}+s0")
+        }
+    }
+
     /// The format of layer `l` of an `n_layer`-layer cache.
     pub fn format_of(&self, l: usize, n_layer: usize) -> KvFormat {
         EdgeLayers::format_of(self.edge, self.format, l, n_layer)
@@ -227,6 +239,23 @@ mod tests {
             "q8_0/turbo4".parse().unwrap()
         );
         assert!(plain.layer_formats(30).is_none());
+        // Written out explicitly, a recipe parses back to itself whatever the caller's defaults.
+        for r in [
+            KvRecipe::parse_with("turbo3", 0, 0).unwrap(),
+            plain,
+            e2.clone(),
+            p.clone(),
+        ] {
+            assert_eq!(
+                KvRecipe::parse_with(&r.explicit(), 4, 14).unwrap(),
+                r,
+                "{r}"
+            );
+        }
+        assert_eq!(
+            KvRecipe::parse_with("turbo3", 0, 0).unwrap().explicit(),
+            "turbo3+s0"
+        );
         for bad in ["turbo3+e0", "turbo3+e", "turbo3+ex", "turbo3+e1=bogus"] {
             assert!(bad.parse::<KvRecipe>().is_err(), "{bad}");
         }

@@ -290,51 +290,28 @@ impl<'m> Session<'m> {
         compacted: &crate::compact::CompactedContext,
         extra: usize,
     ) -> Result<Session<'m>, ModelError> {
-        let c = &model.config;
-        let bad = |what: String| ModelError::Kv(KvError::Config(what));
-        if recipe.center_keys {
-            return Err(bad(format!(
-                "a compacted cache takes a format with sinks and a recent window (such as \
-                 turbo4u+s2+r14), not {recipe}: centered keys do not carry compaction's biases yet"
-            )));
-        }
-        if compacted.layers.len() != c.n_layer
-            || compacted.head_dim != c.head_dim
-            || compacted.layers.iter().any(|l| l.len() != c.n_head_kv)
-        {
-            return Err(bad(format!(
-                "the compacted context has {} layers of head_dim {}; the model has {} layers × {} \
-                 KV heads of head_dim {}",
-                compacted.layers.len(),
-                compacted.head_dim,
-                c.n_layer,
-                c.n_head_kv,
-                c.head_dim
-            )));
-        }
-        let d = c.head_dim;
+        let d = model.config.head_dim;
+        let shape = |l: &Vec<_>| l.len();
+        Self::check_compacted(
+            model,
+            recipe,
+            compacted.layers.iter().map(shape).collect(),
+            compacted.head_dim,
+        )?;
         for (l, heads) in compacted.layers.iter().enumerate() {
             for (h, hc) in heads.iter().enumerate() {
                 let t = hc.len();
                 if hc.keys.len() != t * d || hc.values.len() != t * d || hc.bias.len() != t {
-                    return Err(bad(format!(
+                    return Err(ModelError::Kv(KvError::Config(format!(
                         "layer {l} head {h} of the compacted context: {t} positions, {} key, {} \
                          value and {} bias floats (head_dim {d})",
                         hc.keys.len(),
                         hc.values.len(),
                         hc.bias.len()
-                    )));
+                    ))));
                 }
             }
         }
-        let tmax = compacted.max_len();
-        if tmax > compacted.context_len {
-            return Err(bad(format!(
-                "{tmax} kept tokens in a head for a context of {}",
-                compacted.context_len
-            )));
-        }
-        let mut s = Session::new(gpu, model, recipe, tmax + extra)?;
         let tokens: Vec<Vec<HeadTokens<'_>>> = compacted
             .layers
             .iter()
@@ -348,15 +325,159 @@ impl<'m> Session<'m> {
                     .collect()
             })
             .collect();
-        s.cache.load_ragged(gpu, &tokens, &s.status)?;
-        for (l, heads) in compacted.layers.iter().enumerate() {
-            if heads.iter().any(|h| h.bias.iter().any(|&x| x != 0.0)) {
-                let bias: Vec<&[f32]> = heads.iter().map(|h| &h.bias[..]).collect();
-                s.cache.set_bias(gpu, l, &bias)?;
+        let biases = compacted
+            .layers
+            .iter()
+            .map(|heads| heads.iter().map(|h| &h.bias[..]).collect());
+        Self::loaded(
+            gpu,
+            model,
+            recipe,
+            compacted.context_len,
+            compacted.max_len(),
+            biases.collect(),
+            extra,
+            |cache, status| cache.load_ragged(gpu, &tokens, status),
+        )
+    }
+
+    /// A session whose cache starts as a compacted context stored by a cache of `recipe`
+    /// ([`crate::compact::StoredContext`], what a `.kvpack` file holds): its codes are written
+    /// into the pages as they are, so the cache is the one that stored them, on any adapter.
+    /// `recipe` and the rotation seed must be the ones it was stored with; otherwise as
+    /// [`Session::from_compacted`].
+    pub fn from_stored(
+        gpu: &Gpu,
+        model: &'m Llama,
+        recipe: &KvRecipe,
+        stored: &crate::compact::StoredContext,
+        extra: usize,
+    ) -> Result<Session<'m>, ModelError> {
+        if stored.seed != crate::kv::DEFAULT_SEED {
+            return Err(ModelError::Kv(KvError::Config(format!(
+                "the compacted context was stored with rotation seed {:#x}; this build's caches use {:#x}",
+                stored.seed,
+                crate::kv::DEFAULT_SEED
+            ))));
+        }
+        let shape = |l: &Vec<_>| l.len();
+        Self::check_compacted(
+            model,
+            recipe,
+            stored.layers.iter().map(shape).collect(),
+            stored.head_dim,
+        )?;
+        for (l, heads) in stored.layers.iter().enumerate() {
+            for (h, sc) in heads.iter().enumerate() {
+                let t = sc.stored.tokens;
+                if sc.positions.len() != t || sc.bias.len() != t {
+                    return Err(ModelError::Kv(KvError::Config(format!(
+                        "layer {l} head {h} of the compacted context: {t} tokens, {} positions \
+                         and {} biases",
+                        sc.positions.len(),
+                        sc.bias.len()
+                    ))));
+                }
+            }
+        }
+        let heads: Vec<Vec<crate::kv::StoredHead>> = stored
+            .layers
+            .iter()
+            .map(|l| l.iter().map(|sc| sc.stored.clone()).collect())
+            .collect();
+        let biases = stored
+            .layers
+            .iter()
+            .map(|heads| heads.iter().map(|h| &h.bias[..]).collect());
+        Self::loaded(
+            gpu,
+            model,
+            recipe,
+            stored.context_len,
+            stored.max_len(),
+            biases.collect(),
+            extra,
+            |cache, _| cache.load_stored(gpu, &heads),
+        )
+    }
+
+    /// [`Session::from_compacted`] or [`Session::from_stored`], for what a `.kvpack` file held.
+    pub fn from_saved(
+        gpu: &Gpu,
+        model: &'m Llama,
+        recipe: &KvRecipe,
+        saved: &crate::compact::SavedContext,
+        extra: usize,
+    ) -> Result<Session<'m>, ModelError> {
+        match saved {
+            crate::compact::SavedContext::F32(c) => {
+                Self::from_compacted(gpu, model, recipe, c, extra)
+            }
+            crate::compact::SavedContext::Stored(c) => {
+                Self::from_stored(gpu, model, recipe, c, extra)
+            }
+        }
+    }
+
+    /// Refuse a compacted context of `heads[l]` KV heads per layer and `head_dim` that the
+    /// model's cache cannot take, or a recipe with centered keys.
+    fn check_compacted(
+        model: &Llama,
+        recipe: &KvRecipe,
+        heads: Vec<usize>,
+        head_dim: usize,
+    ) -> Result<(), ModelError> {
+        let c = &model.config;
+        let bad = |what: String| ModelError::Kv(KvError::Config(what));
+        if recipe.center_keys {
+            return Err(bad(format!(
+                "a compacted cache takes a format with sinks and a recent window (such as \
+                 turbo4u+s2+r14), not {recipe}: centered keys do not carry compaction's biases yet"
+            )));
+        }
+        if heads.len() != c.n_layer
+            || head_dim != c.head_dim
+            || heads.iter().any(|&h| h != c.n_head_kv)
+        {
+            return Err(bad(format!(
+                "the compacted context has {} layers of head_dim {head_dim}; the model has {} \
+                 layers × {} KV heads of head_dim {}",
+                heads.len(),
+                c.n_layer,
+                c.n_head_kv,
+                c.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// A session of `tmax + extra` positions whose empty cache `load` fills with a compacted
+    /// context of `context_len` tokens (the longest head keeping `tmax`), then takes its biases.
+    #[allow(clippy::too_many_arguments)]
+    fn loaded(
+        gpu: &Gpu,
+        model: &'m Llama,
+        recipe: &KvRecipe,
+        context_len: usize,
+        tmax: usize,
+        biases: Vec<Vec<&[f32]>>,
+        extra: usize,
+        load: impl FnOnce(&mut KvCache, &GpuVec<u32>) -> Result<(), KvError>,
+    ) -> Result<Session<'m>, ModelError> {
+        if tmax > context_len {
+            return Err(ModelError::Kv(KvError::Config(format!(
+                "{tmax} kept tokens in a head for a context of {context_len}"
+            ))));
+        }
+        let mut s = Session::new(gpu, model, recipe, tmax + extra)?;
+        load(&mut s.cache, &s.status)?;
+        for (l, bias) in biases.iter().enumerate() {
+            if bias.iter().any(|b| b.iter().any(|&x| x != 0.0)) {
+                s.cache.set_bias(gpu, l, bias)?;
             }
         }
         // The cache's length is the longest head's; every head's next token is at that slot.
-        s.position_offset = compacted.context_len - tmax;
+        s.position_offset = context_len - tmax;
         Ok(s)
     }
 

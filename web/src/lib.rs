@@ -15,7 +15,7 @@
 //! ```
 
 use kvpack::compact::file::{parse_for_model, sha256_hex, FileHeader};
-use kvpack::compact::CompactedContext;
+use kvpack::compact::SavedContext;
 use kvpack::gpu::{BackendChoice, Gpu, GpuOptions, Power};
 use kvpack::kv::KvRecipe;
 use kvpack::model::generate::{chat_prompt, generate, DEFAULT_SYSTEM};
@@ -89,7 +89,7 @@ struct Inner {
     sha256: String,
     /// The compacted context `load_cache` read.
     /// (Shared, so that a generation keeps its own while another file is loaded.)
-    compacted: RefCell<Option<Rc<(FileHeader, CompactedContext)>>>,
+    compacted: RefCell<Option<Rc<(FileHeader, SavedContext)>>>,
     busy: Cell<bool>,
     stop: Cell<bool>,
 }
@@ -209,7 +209,7 @@ impl Engine {
         kv.validate_dim(self.inner.model.config.head_dim)
             .map_err(|e| js_err(&format!("{name}: its KV format"), e))?;
         let info = serde_json::json!({
-            "name": name, "context_tokens": compacted.context_len,
+            "name": name, "context_tokens": compacted.context_len(),
             "tokens_kept": compacted.total_tokens(), "longest_head": compacted.max_len(),
             "kv": header.kv, "method": header.method,
         })
@@ -299,7 +299,7 @@ async fn run_generate(
         )));
     }
     let mut session = match from {
-        Some((_, c)) => Session::from_compacted(gpu, model, &kv, c, o.context),
+        Some((_, c)) => Session::from_saved(gpu, model, &kv, c, o.context),
         None => Session::new(gpu, model, &kv, o.context),
     }
     .map_err(|e| js_err("creating the KV cache", e))?;
@@ -331,7 +331,7 @@ async fn run_generate(
     // As `kvpack generate --cache --json`: the compacted context's length and the f16 cache of
     // it all plus the new tokens.
     if let Some((_, c)) = from {
-        j["context_tokens"] = c.context_len.into();
+        j["context_tokens"] = c.context_len().into();
         j["kv_bytes_f16_full"] = model
             .config
             .kv_bytes_f16(c.uncompacted_tokens(cache.len()))

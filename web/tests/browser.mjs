@@ -124,7 +124,7 @@ try {
   await page.waitForFunction(() => document.body.dataset.state === "ready", null, { timeout: 60_000 });
   console.log(`page: ${await page.textContent("#cache-info")}`);
   const selector = await page.evaluate(() => ({ value: document.querySelector("#kv").value, disabled: document.querySelector("#kv").disabled }));
-  check(selector.value === "turbo4" && selector.disabled, `.kvpack: the KV selector shows the file's format, fixed (${JSON.stringify(selector)})`);
+  check(selector.value === "turbo4+s4" && selector.disabled, `.kvpack: the KV selector shows the file's format, fixed (${JSON.stringify(selector)})`);
   await page.fill("#prompt", CACHE_PROMPT);
   await page.fill("#max-tokens", String(MAX_TOKENS));
   await page.click("#generate");
