@@ -680,18 +680,23 @@ impl KvCache {
     /// written into this cache's pages as they are, so the cache holds exactly what the other
     /// held. The heads are placed as [`KvCache::load_ragged`] places them; runs of the wrong
     /// length for this cache's formats are refused.
-    pub fn load_stored(&mut self, gpu: &Gpu, heads: &[Vec<StoredHead>]) -> Result<(), KvError> {
+    pub fn load_stored<H: std::borrow::Borrow<StoredHead>>(
+        &mut self,
+        gpu: &Gpu,
+        heads: &[Vec<H>],
+    ) -> Result<(), KvError> {
         self.check_shape(heads.iter().map(|l| l.len()).collect())?;
         let c = self.config.clone();
         let d = c.head_dim;
         let lens: Vec<Vec<usize>> = heads
             .iter()
-            .map(|l| l.iter().map(|s| s.tokens).collect())
+            .map(|l| l.iter().map(|s| s.borrow().tokens).collect())
             .collect();
         // Check every run before anything is counted as stored.
         for (l, layer) in heads.iter().enumerate() {
             let f = c.format_of(l);
             for (h, s) in layer.iter().enumerate() {
+                let s = s.borrow();
                 let n_sink = c.sinks.min(s.tokens);
                 let n = s.tokens - n_sink;
                 let want = [
@@ -724,6 +729,7 @@ impl KvCache {
             let mut skp = vec![0u32; lc.sink_k_page.len()];
             let mut svp = vec![0u32; lc.sink_v_page.len()];
             for (h, s) in layer.iter().enumerate() {
+                let s = s.borrow();
                 let (_, first, n, n_sink) = self.loaded_head(l, h);
                 put(&mut kp, &f.k, slots, first, n, &s.keys)?;
                 put(&mut vp, &f.v, slots, first, n, &s.values)?;

@@ -380,10 +380,10 @@ impl<'m> Session<'m> {
                 }
             }
         }
-        let heads: Vec<Vec<crate::kv::StoredHead>> = stored
+        let heads: Vec<Vec<&crate::kv::StoredHead>> = stored
             .layers
             .iter()
-            .map(|l| l.iter().map(|sc| sc.stored.clone()).collect())
+            .map(|l| l.iter().map(|sc| &sc.stored).collect())
             .collect();
         let biases = stored
             .layers
