@@ -102,8 +102,9 @@ pub struct GenerateArgs {
     /// Tokens the cache can hold (prompt + generated).
     #[arg(long, default_value_t = 2048)]
     context: usize,
-    /// Start from a compacted context saved by `kvpack compact` (its KV format replaces --kv);
-    /// the prompt continues after it.
+    /// Start from a compacted context saved by `kvpack compact`; the prompt continues after it.
+    /// The file's KV recipe replaces --kv, --sinks and --recent: its codes were stored with
+    /// them (a version 1 file, f32 tokens with a bare format, takes --sinks and --recent).
     #[arg(long)]
     cache: Option<PathBuf>,
     /// Print one JSON object at the end instead of streaming text.
