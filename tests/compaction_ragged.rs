@@ -260,6 +260,26 @@ fn ragged_compacted_contexts_continue_like_masked_uniform_ones() {
             .expect("turbo4 codes in an f32 cache")
             .to_string();
         assert!(err.contains("words of keys"), "{err}");
+        // A context of another shape, or a recipe with centered keys, is refused by both
+        // loaders, with what is wrong named.
+        let mut fewer = stored.clone();
+        fewer.layers.pop();
+        let err = Session::from_stored(&gpu, &model, &recipe, &fewer, 8)
+            .err()
+            .expect("a layer missing")
+            .to_string();
+        assert!(
+            err.contains(&format!("has {} layers", c.n_layer - 1)),
+            "{err}"
+        );
+        let centered: KvRecipe = "turbo4+s4+c".parse().unwrap();
+        for err in [
+            Session::from_stored(&gpu, &model, &centered, &stored, 8).err(),
+            Session::from_compacted(&gpu, &model, &centered, &a, 8).err(),
+        ] {
+            let err = err.expect("centered keys").to_string();
+            assert!(err.contains("centered keys"), "{err}");
+        }
         let mut s4 = Session::from_stored(&gpu, &model, &recipe, &stored, 8).unwrap();
         continue_greedy(&mut s4, &gpu, next);
         assert!(pollster::block_on(s4.cache().read_stored(&gpu)).is_err());

@@ -290,14 +290,7 @@ impl<'m> Session<'m> {
         compacted: &crate::compact::CompactedContext,
         extra: usize,
     ) -> Result<Session<'m>, ModelError> {
-        let d = model.config.head_dim;
-        let shape = |l: &Vec<_>| l.len();
-        Self::check_compacted(
-            model,
-            recipe,
-            compacted.layers.iter().map(shape).collect(),
-            compacted.head_dim,
-        )?;
+        let d = compacted.head_dim;
         for (l, heads) in compacted.layers.iter().enumerate() {
             for (h, hc) in heads.iter().enumerate() {
                 let t = hc.len();
@@ -333,6 +326,7 @@ impl<'m> Session<'m> {
             gpu,
             model,
             recipe,
+            compacted.head_dim,
             compacted.context_len,
             compacted.max_len(),
             biases.collect(),
@@ -360,13 +354,6 @@ impl<'m> Session<'m> {
                 crate::kv::DEFAULT_SEED
             ))));
         }
-        let shape = |l: &Vec<_>| l.len();
-        Self::check_compacted(
-            model,
-            recipe,
-            stored.layers.iter().map(shape).collect(),
-            stored.head_dim,
-        )?;
         for (l, heads) in stored.layers.iter().enumerate() {
             for (h, sc) in heads.iter().enumerate() {
                 let t = sc.stored.tokens;
@@ -393,6 +380,7 @@ impl<'m> Session<'m> {
             gpu,
             model,
             recipe,
+            stored.head_dim,
             stored.context_len,
             stored.max_len(),
             biases.collect(),
@@ -419,14 +407,22 @@ impl<'m> Session<'m> {
         }
     }
 
-    /// Refuse a compacted context of `heads[l]` KV heads per layer and `head_dim` that the
-    /// model's cache cannot take, or a recipe with centered keys.
-    fn check_compacted(
-        model: &Llama,
+    /// A session of `tmax + extra` positions whose empty cache `load` fills with a compacted
+    /// context of `context_len` tokens (the longest head keeping `tmax`), then takes its biases
+    /// (`biases[l][h]`, one per kept token). Refused first: a context whose layers, KV heads or
+    /// head dimension are not the model's, or a recipe with centered keys.
+    #[allow(clippy::too_many_arguments)]
+    fn loaded(
+        gpu: &Gpu,
+        model: &'m Llama,
         recipe: &KvRecipe,
-        heads: Vec<usize>,
         head_dim: usize,
-    ) -> Result<(), ModelError> {
+        context_len: usize,
+        tmax: usize,
+        biases: Vec<Vec<&[f32]>>,
+        extra: usize,
+        load: impl FnOnce(&mut KvCache, &GpuVec<u32>) -> Result<(), KvError>,
+    ) -> Result<Session<'m>, ModelError> {
         let c = &model.config;
         let bad = |what: String| ModelError::Kv(KvError::Config(what));
         if recipe.center_keys {
@@ -435,35 +431,19 @@ impl<'m> Session<'m> {
                  turbo4u+s2+r14), not {recipe}: centered keys do not carry compaction's biases yet"
             )));
         }
-        if heads.len() != c.n_layer
+        if biases.len() != c.n_layer
             || head_dim != c.head_dim
-            || heads.iter().any(|&h| h != c.n_head_kv)
+            || biases.iter().any(|l| l.len() != c.n_head_kv)
         {
             return Err(bad(format!(
                 "the compacted context has {} layers of head_dim {head_dim}; the model has {} \
                  layers × {} KV heads of head_dim {}",
-                heads.len(),
+                biases.len(),
                 c.n_layer,
                 c.n_head_kv,
                 c.head_dim
             )));
         }
-        Ok(())
-    }
-
-    /// A session of `tmax + extra` positions whose empty cache `load` fills with a compacted
-    /// context of `context_len` tokens (the longest head keeping `tmax`), then takes its biases.
-    #[allow(clippy::too_many_arguments)]
-    fn loaded(
-        gpu: &Gpu,
-        model: &'m Llama,
-        recipe: &KvRecipe,
-        context_len: usize,
-        tmax: usize,
-        biases: Vec<Vec<&[f32]>>,
-        extra: usize,
-        load: impl FnOnce(&mut KvCache, &GpuVec<u32>) -> Result<(), KvError>,
-    ) -> Result<Session<'m>, ModelError> {
         if tmax > context_len {
             return Err(ModelError::Kv(KvError::Config(format!(
                 "{tmax} kept tokens in a head for a context of {context_len}"
